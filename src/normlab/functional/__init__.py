@@ -1,0 +1,25 @@
+"""normlab's functional core: every norm as explicit math with a hand-derived backward.
+
+Same signatures and semantics as the ``torch.nn.functional`` namesakes; none of them calls torch's
+own normalization kernels. The shared primitive and its formulas live in ``_normalize.py``; the
+statistics routine in ``moments.py``.
+"""
+
+from normlab.functional.batch_norm import batch_norm, updated_running_stats
+from normlab.functional.group_norm import group_norm
+from normlab.functional.instance_norm import instance_norm
+from normlab.functional.layer_norm import layer_norm
+from normlab.functional.moments import Moments, merge_moments, moments
+from normlab.functional.rms_norm import rms_norm
+
+__all__ = [
+    "batch_norm",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
+    "moments",
+    "merge_moments",
+    "Moments",
+    "updated_running_stats",
+]

@@ -1,0 +1,189 @@
+r"""The normalize primitive every norm is built from: explicit forward, hand-derived backward.
+
+Every normalization layer in normlab is one call of this primitive with a different
+:class:`Layout`: the dimensions the statistics are taken over (``reduce_dims``), how weight and bias
+broadcast against the input (``param_shape``), and whether the mean is subtracted (``center``;
+False for RMS norm).
+
+Forward, with statistics over the reduction set :math:`S` of size :math:`M`:
+
+.. math::
+    \mu = \tfrac1M \sum_S x, \quad \sigma^2 = \tfrac1M \sum_S (x-\mu)^2, \quad
+    r = (\sigma^2 + \epsilon)^{-1/2}, \quad \hat x = (x-\mu)\,r, \quad y = \gamma \hat x + \beta
+
+Backward, with :math:`g = \gamma\,\partial L/\partial y` and means over :math:`S`:
+
+.. math::
+    \partial L/\partial x = r\,\bigl(g - \overline{g} - \hat x\,\overline{g \hat x}\bigr)
+
+(drop :math:`\overline{g}` when the mean is not subtracted). When the statistics are constants
+(batch norm in eval mode, running statistics), :math:`\partial L/\partial x = g\,r`.
+:math:`\partial L/\partial\gamma = \sum \partial L/\partial y\cdot\hat x` and
+:math:`\partial L/\partial\beta = \sum \partial L/\partial y` over the dimensions the parameters
+broadcast along.
+
+Memory: the backward saves the input (which autograd holds for the previous layer anyway), the
+weight and the per-group ``mean`` and ``invstd`` in the compute dtype, never the normalized tensor;
+:math:`\hat x` is recomputed, which is one cheap pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from normlab import kernels
+from normlab.functional.moments import compute_dtype, moments
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one norm's statistics and parameters line up with its input.
+
+    Attributes:
+        reduce_dims: dimensions of the (possibly viewed) input the statistics average over.
+        param_shape: shape weight/bias are viewed as so they broadcast against the input.
+        center: subtract the mean (False for RMS norm, which normalizes by the root mean square).
+    """
+
+    reduce_dims: tuple[int, ...]
+    param_shape: tuple[int, ...]
+    center: bool = True
+
+
+def _param_sum_dims(layout: Layout, ndim: int) -> list[int]:
+    """Dims along which weight/bias broadcast, so their gradients sum over them."""
+    lead = ndim - len(layout.param_shape)
+    return [d for d in range(ndim) if d < lead or layout.param_shape[d - lead] == 1]
+
+
+def normalize_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    layout: Layout,
+    eps: float,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference forward. Returns ``(out, mean, var, invstd)`` (statistics in the compute dtype).
+
+    ``stats``: fixed (mean, var) to normalize with instead of the input's own (eval-mode batch
+    norm); they must broadcast against ``x``.
+    """
+    cdtype = compute_dtype(x.dtype)
+    if stats is None:
+        mean, var = moments(x, layout.reduce_dims, center=layout.center)
+    else:
+        # Copies: the statistics are returned as outputs and must not alias the caller's buffers.
+        mean, var = (s.to(cdtype, copy=True) for s in stats)
+    invstd = (var + eps).rsqrt()
+    xc = x.to(cdtype)
+    out = (xc - mean).mul_(invstd) if layout.center else xc * invstd
+    if weight is not None:
+        out.mul_(weight.to(cdtype).view(layout.param_shape))
+    if bias is not None:
+        out.add_(bias.to(cdtype).view(layout.param_shape))
+    return out.to(x.dtype), mean, var, invstd
+
+
+def normalize_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    layout: Layout,
+    batch_stats: bool,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Reference backward: ``(grad_input, grad_weight, grad_bias)``; see the module docstring."""
+    cdtype = mean.dtype
+    go = grad_out.to(cdtype)
+    xc = x.to(cdtype)
+    x_hat = (xc - mean).mul_(invstd) if layout.center else xc * invstd
+    sum_dims = _param_sum_dims(layout, x.dim())
+    grad_weight = grad_bias = grad_input = None
+    if needs[1] and weight is not None:
+        grad_weight = (go * x_hat).sum(sum_dims).view(weight.shape).to(weight.dtype)
+    if needs[2]:
+        grad_bias = go.sum(sum_dims)
+    if needs[0]:
+        g = go * weight.to(cdtype).view(layout.param_shape) if weight is not None else go
+        if batch_stats:
+            dims = list(layout.reduce_dims)
+            proj = (g * x_hat).mean(dims, keepdim=True)
+            grad_input = g - x_hat.mul_(proj)
+            if layout.center:
+                grad_input.sub_(g.mean(dims, keepdim=True))
+            grad_input.mul_(invstd)
+        else:
+            grad_input = g * invstd
+        grad_input = grad_input.to(x.dtype)
+    return grad_input, grad_weight, grad_bias
+
+
+_REFERENCE = kernels.Kernel(forward=normalize_forward, backward=normalize_backward)
+
+
+class _Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        op: str,
+        layout: Layout,
+        eps: float,
+        fixed_mean: Tensor | None,
+        fixed_var: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        kernel = kernels.select(op, x, _REFERENCE)
+        stats = None if fixed_mean is None else (fixed_mean, fixed_var)
+        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        grad_input, grad_weight, grad_bias = ctx.kernel.backward(
+            grad_out.contiguous(memory_format=_memory_format(grad_out, x)),
+            x, weight, mean, invstd, ctx.layout, ctx.batch_stats, needs,
+        )
+        if grad_bias is not None:
+            grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _memory_format(grad_out: Tensor, x: Tensor) -> torch.memory_format:
+    # Keep the gradient in the input's layout so elementwise math runs over matching strides.
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    op: str,
+    layout: Layout,
+    eps: float,
+    stats: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable normalize; returns ``(out, mean, var)`` with the statistics detached."""
+    fixed_mean, fixed_var = (None, None) if stats is None else stats
+    return _Normalize.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var)

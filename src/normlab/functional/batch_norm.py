@@ -1,0 +1,109 @@
+r"""Batch normalization (Ioffe & Szegedy, 2015), with torch.nn.functional.batch_norm's contract.
+
+Training normalizes each channel with the mini-batch mean and *biased* variance over (N, *spatial)
+and folds them into the running estimates with Bessel's correction, ``m / (m - 1)``, as the paper's
+Algorithm 2 and torch do. Evaluation normalizes with the running estimates, which turns the layer
+into one fixed affine map per channel. Math and backward: :mod:`normlab.functional._normalize`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normlab.functional import _validate as v
+from normlab.functional._normalize import Layout, normalize
+
+__all__ = ["batch_norm", "batch_norm_layout", "updated_running_stats"]
+
+
+def batch_norm_layout(ndim: int, num_channels: int) -> Layout:
+    """Statistics per channel (dim 1) over the batch and all spatial dims."""
+    spatial = tuple(range(2, ndim))
+    return Layout(reduce_dims=(0, *spatial), param_shape=(1, num_channels, *(1,) * len(spatial)))
+
+
+def updated_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> tuple[Tensor, Tensor]:
+    """New running (mean, var) after one batch; pure (the inputs are not modified).
+
+    Args:
+        running_mean, running_var: current estimates, shape (C,).
+        mean, var: the batch's mean and *biased* variance, any shape with C elements.
+        count: samples per channel behind `var`; the stored variance is unbiased, var * n/(n-1).
+        momentum: weight of the new batch (torch's convention; Flax/Keras use decay = 1 - momentum).
+    """
+    unbiased = var.reshape(-1) * (count / max(count - 1, 1))
+    new_mean = torch.lerp(running_mean.to(mean.dtype), mean.reshape(-1), momentum)
+    new_var = torch.lerp(running_var.to(var.dtype), unbiased, momentum)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def check_values_per_channel(op: str, input: Tensor) -> int:
+    """Values per channel of an (N, C, *) batch; raises if training would divide by zero."""
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count == 1:
+        raise ValueError(
+            f"{op}: expected more than 1 value per channel when training, got input size "
+            f"{list(input.shape)}; use a larger batch, or GroupNorm/LayerNorm for batch size 1"
+        )
+    return count
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch norm over channel dim 1 of an (N, C, *) input; same contract as torch's.
+
+    In training, batch statistics normalize the input and, when the running buffers are given,
+    update them in place (exponential average with weight `momentum` for the new batch). In
+    evaluation, the running buffers normalize the input.
+
+    Raises:
+        TypeError: non-floating input, or parameters of an incompatible dtype.
+        ValueError: input of fewer than 2 dims, parameter shape mismatch, one value per channel in
+            training, eval mode without running statistics, invalid eps or momentum.
+    """
+    op = "batch_norm"
+    v.check_float_input(op, input)
+    v.check_min_dim(op, input, 2, "(N, C, *)")
+    v.check_eps(op, eps)
+    v.check_momentum(op, momentum, allow_none=False)
+    c = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        v.check_param(op, name, t, input, (c,))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    layout = batch_norm_layout(input.dim(), c)
+    if not training:
+        if running_mean is None or running_var is None:
+            raise ValueError(
+                f"{op}: evaluation (training=False) normalizes with running statistics, "
+                "but running_mean and running_var are None"
+            )
+        stats = (running_mean.view(layout.param_shape), running_var.view(layout.param_shape))
+        return normalize(input, weight, bias, op, layout, eps, stats)[0]
+    count = check_values_per_channel(op, input)
+    out, mean, var = normalize(input, weight, bias, op, layout, eps)
+    if running_mean is not None and running_var is not None and count > 0:
+        with torch.no_grad():
+            new_mean, new_var = updated_running_stats(
+                running_mean, running_var, mean, var, count, momentum
+            )
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out

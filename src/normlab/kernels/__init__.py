@@ -1,0 +1,74 @@
+"""The single place where a kernel is chosen for a normalization op.
+
+Every op has a plain-torch reference implementation (in :mod:`normlab.functional`), which is
+always available, always tested, and the oracle for any faster kernel. A fast kernel registers
+itself here for the ops, devices and dtypes it supports; :func:`select` returns it when it applies
+and the reference otherwise.
+
+Force the reference path with the environment variable ``NORMLAB_KERNELS=reference`` or, in code,
+``with normlab.kernels.use_reference(): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Kernel", "register", "select", "use_reference", "registered"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A forward/backward pair with the reference's signatures (see ``functional/_normalize.py``).
+
+    ``applies(x)`` says whether this kernel handles an input (device, dtype, layout, size).
+    """
+
+    forward: Callable[..., Any]
+    backward: Callable[..., Any]
+    name: str = "reference"
+    applies: Callable[[Tensor], bool] = lambda x: True
+
+
+_REGISTRY: dict[str, list[Kernel]] = {}
+_state = threading.local()
+
+
+def register(op: str, kernel: Kernel) -> None:
+    """Add a fast kernel for `op`; later registrations take precedence."""
+    _REGISTRY.setdefault(op, []).insert(0, kernel)
+
+
+def registered(op: str) -> list[Kernel]:
+    return list(_REGISTRY.get(op, []))
+
+
+def _reference_forced() -> bool:
+    return getattr(_state, "reference", False) or os.environ.get("NORMLAB_KERNELS") == "reference"
+
+
+def select(op: str, x: Tensor, reference: Kernel) -> Kernel:
+    """The kernel that runs `op` on `x`: the first registered fast kernel that applies, else
+    `reference`."""
+    if not _reference_forced():
+        for kernel in _REGISTRY.get(op, ()):
+            if kernel.applies(x):
+                return kernel
+    return reference
+
+
+@contextlib.contextmanager
+def use_reference() -> Iterator[None]:
+    """Run the plain-torch reference path inside the block (this thread only)."""
+    previous = getattr(_state, "reference", False)
+    _state.reference = True
+    try:
+        yield
+    finally:
+        _state.reference = previous
