@@ -7,4 +7,4 @@
 from normlab import functional, kernels, nn
 
 __version__ = "0.1.0"
-__all__ = ["functional", "kernels", "nn", "__version__"]
+__all__ = ["__version__", "functional", "kernels", "nn"]

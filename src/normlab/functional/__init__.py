@@ -13,13 +13,13 @@ from normlab.functional.moments import Moments, merge_moments, moments
 from normlab.functional.rms_norm import rms_norm
 
 __all__ = [
+    "Moments",
     "batch_norm",
     "group_norm",
     "instance_norm",
     "layer_norm",
-    "rms_norm",
-    "moments",
     "merge_moments",
-    "Moments",
+    "moments",
+    "rms_norm",
     "updated_running_stats",
 ]

@@ -159,7 +159,13 @@ class _Normalize(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         grad_input, grad_weight, grad_bias = ctx.kernel.backward(
             grad_out.contiguous(memory_format=_memory_format(grad_out, x)),
-            x, weight, mean, invstd, ctx.layout, ctx.batch_stats, needs,
+            x,
+            weight,
+            mean,
+            invstd,
+            ctx.layout,
+            ctx.batch_stats,
+            needs,
         )
         if grad_bias is not None:
             grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)

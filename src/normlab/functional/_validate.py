@@ -37,9 +37,7 @@ def check_param(op: str, name: str, param: Tensor | None, x: Tensor, shape: Sequ
         )
     if param.device != x.device:
         raise ValueError(f"{op}: {name} is on {param.device} but the input is on {x.device}")
-    if param.dtype != x.dtype and not (
-        x.dtype in _LOW_PRECISION and param.dtype == torch.float32
-    ):
+    if param.dtype != x.dtype and not (x.dtype in _LOW_PRECISION and param.dtype == torch.float32):
         raise TypeError(
             f"{op}: {name} has dtype {param.dtype} but the input has dtype {x.dtype}; "
             "only float16/bfloat16 inputs may use float32 parameters"
@@ -105,4 +103,6 @@ def check_trailing_shape(op: str, x: Tensor, normalized_shape: tuple[int, ...]) 
 
 def check_min_dim(op: str, x: Tensor, min_dim: int, what: str) -> None:
     if x.dim() < min_dim:
-        raise ValueError(f"{op}: expected an input of shape {what}, got {x.dim()}D input {list(x.shape)}")
+        raise ValueError(
+            f"{op}: expected an input of shape {what}, got {x.dim()}D input {list(x.shape)}"
+        )

@@ -37,9 +37,7 @@ def group_norm(
     v.check_eps(op, eps)
     c = input.shape[1]
     if c % num_groups:
-        raise ValueError(
-            f"{op}: num_channels={c} is not divisible by num_groups={num_groups}"
-        )
+        raise ValueError(f"{op}: num_channels={c} is not divisible by num_groups={num_groups}")
     v.check_param(op, "weight", weight, input, (c,))
     v.check_param(op, "bias", bias, input, (c,))
     # Splitting dim 1 into (G, C/G) is a view for every stride pattern, channels_last included.

@@ -44,8 +44,12 @@ def instance_norm(
     v.check_eps(op, eps)
     v.check_momentum(op, momentum, allow_none=False)
     n, c = input.shape[:2]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         v.check_param(op, name, t, input, (c,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")

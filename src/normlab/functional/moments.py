@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["compute_dtype", "moments", "merge_moments", "Moments"]
+__all__ = ["Moments", "compute_dtype", "merge_moments", "moments"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -59,7 +59,9 @@ class Moments:
         self.count, self.mean, self.m2 = count, mean, m2
 
     @classmethod
-    def empty(cls, shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu") -> Moments:
+    def empty(
+        cls, shape: Sequence[int] | torch.Size, device: torch.device | str = "cpu"
+    ) -> Moments:
         z = torch.zeros(tuple(shape), dtype=torch.float64, device=device)
         return cls(torch.zeros((), dtype=torch.float64, device=device), z, z.clone())
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Kernel", "register", "select", "use_reference", "registered"]
+__all__ = ["Kernel", "register", "registered", "select", "use_reference"]
 
 
 @dataclass(frozen=True)

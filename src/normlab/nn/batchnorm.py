@@ -112,12 +112,17 @@ class _NormBase(Module):
         raise NotImplementedError
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-        strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
         # Checkpoints from before version 2 have no num_batches_tracked: start it at 0.
-        version = local_metadata.get("version", None)
+        version = local_metadata.get("version")
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
             state_dict[key] = torch.tensor(0, dtype=torch.long)
@@ -236,14 +241,21 @@ class _InstanceNorm(_NormBase):
             )
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
-        strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        version = local_metadata.get("version", None)
+        version = local_metadata.get("version")
         if version is None and not self.track_running_stats:
             # Checkpoints from before torch 0.4 carry running statistics instance norm never uses.
-            stale = [prefix + k for k in ("running_mean", "running_var") if prefix + k in state_dict]
+            stale = [
+                prefix + k for k in ("running_mean", "running_var") if prefix + k in state_dict
+            ]
             if stale:
                 error_msgs.append(
                     f"Unexpected running stats buffer(s) {' and '.join(stale)} for "
