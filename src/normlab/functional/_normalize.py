@@ -61,6 +61,11 @@ def _param_sum_dims(layout: Layout, ndim: int) -> list[int]:
     return [d for d in range(ndim) if d < lead or layout.param_shape[d - lead] == 1]
 
 
+def _sum(t: Tensor, dims: list[int]) -> Tensor:
+    # torch's sum over an empty dim list reduces everything; here it must be the identity.
+    return t.sum(dims) if dims else t
+
+
 def normalize_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -108,9 +113,9 @@ def normalize_backward(
     sum_dims = _param_sum_dims(layout, x.dim())
     grad_weight = grad_bias = grad_input = None
     if needs[1] and weight is not None:
-        grad_weight = (go * x_hat).sum(sum_dims).view(weight.shape).to(weight.dtype)
+        grad_weight = _sum(go * x_hat, sum_dims).view(weight.shape).to(weight.dtype)
     if needs[2]:
-        grad_bias = go.sum(sum_dims)
+        grad_bias = _sum(go, sum_dims)
     if needs[0]:
         g = go * weight.to(cdtype).view(layout.param_shape) if weight is not None else go
         if batch_stats:

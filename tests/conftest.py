@@ -1,0 +1,15 @@
+import os
+
+import torch
+from hypothesis import settings
+
+# CI-sized property tests by default; NORMLAB_HYPOTHESIS_EXAMPLES=1000 for a deep run.
+settings.register_profile(
+    "normlab",
+    max_examples=int(os.environ.get("NORMLAB_HYPOTHESIS_EXAMPLES", "30")),
+    deadline=None,
+    derandomize=True,
+)
+settings.load_profile("normlab")
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -1,0 +1,156 @@
+"""normlab.functional against torch.nn.functional over seeded random cases: outputs, all
+gradients and running statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import normlab.functional as F
+from cases import TOL, Case, random_cases
+
+
+def _params(case: Case, c_shape, gen_seed: int):
+    gen = torch.Generator().manual_seed(gen_seed)
+    if not case.affine:
+        return None, None
+    w = (torch.rand(c_shape, generator=gen, dtype=torch.float64) + 0.5).to(case.dtype)
+    b = torch.randn(c_shape, generator=gen, dtype=torch.float64).to(case.dtype) if case.bias else None
+    return w, b
+
+
+def _run(fn, x, params, grad_out, upcast: bool = False):
+    """Output and gradients of fn. With `upcast`, fn runs in float64 (torch as the oracle, free
+    of its own float32 rounding) and the results are cast back to the input's dtype."""
+    dtype = x.dtype
+    if upcast:
+        x, grad_out = x.double(), grad_out.double()
+        params = [None if p is None else p.double() for p in params]
+    x = x.detach().clone().requires_grad_()
+    params = [None if p is None else p.detach().clone().requires_grad_() for p in params]
+    out = fn(x, *params)
+    out.backward(grad_out)
+    back = (lambda t: t if t is None else t.to(dtype)) if upcast else (lambda t: t)
+    return back(out.detach()), back(x.grad), [None if p is None else back(p.grad) for p in params]
+
+
+def _assert_same(ours, theirs, dtype):
+    out, gx, gp = ours
+    out_t, gx_t, gp_t = theirs
+    tol = TOL[dtype]
+    assert out.dtype == out_t.dtype
+    torch.testing.assert_close(out, out_t, **tol)
+    torch.testing.assert_close(gx, gx_t, **tol)
+    for a, b in zip(gp, gp_t):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, **tol)
+
+
+def _more_than_one_per_channel(cases):
+    return [c for c in cases if c.shape[0] * _prod(c.shape[2:]) > 1]
+
+
+def _more_than_one_spatial(cases):
+    return [c for c in cases if _prod(c.shape[2:]) > 1]
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+@pytest.mark.parametrize("case", _more_than_one_per_channel(random_cases(40, 2, 5, seed=1)), ids=str)
+@pytest.mark.parametrize("momentum", [0.1, 1.0])
+def test_batch_norm_training_matches_torch(case: Case, momentum: float):
+    x = case.make()
+    c = x.shape[1]
+    w, b = _params(case, (c,), case.seed + 1)
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(case.seed + 2), dtype=x.dtype)
+    rm, rv = torch.randn(c, dtype=x.dtype), torch.rand(c, dtype=x.dtype) + 0.5
+    rm_t, rv_t = rm.double(), rv.double()
+    ours = _run(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, True, momentum, case.eps), x, [w, b], go)
+    theirs = _run(lambda x, w, b: TF.batch_norm(x, rm_t, rv_t, w, b, True, momentum, case.eps), x, [w, b], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+    torch.testing.assert_close(rm, rm_t.to(case.dtype), **TOL[case.dtype])
+    torch.testing.assert_close(rv, rv_t.to(case.dtype), **TOL[case.dtype])
+
+
+@pytest.mark.parametrize("case", random_cases(20, 2, 5, seed=2), ids=str)
+def test_batch_norm_eval_matches_torch(case: Case):
+    x = case.make()
+    c = x.shape[1]
+    w, b = _params(case, (c,), case.seed + 1)
+    go = torch.randn(x.shape, dtype=x.dtype)
+    rm, rv = torch.randn(c, dtype=x.dtype), torch.rand(c, dtype=x.dtype) + 0.5
+    ours = _run(lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False, 0.1, case.eps), x, [w, b], go)
+    theirs = _run(lambda x, w, b: TF.batch_norm(x, rm.double(), rv.double(), w, b, False, 0.1, case.eps), x, [w, b], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+
+
+@pytest.mark.parametrize("case", random_cases(40, 1, 5, seed=3), ids=str)
+def test_layer_norm_matches_torch(case: Case):
+    x = case.make()
+    k = 1 + case.seed % min(3, x.dim())
+    shape = x.shape[-k:]
+    w, b = _params(case, shape, case.seed + 1)
+    go = torch.randn(x.shape, dtype=x.dtype)
+    ours = _run(lambda x, w, b: F.layer_norm(x, shape, w, b, case.eps), x, [w, b], go)
+    theirs = _run(lambda x, w, b: TF.layer_norm(x, shape, w, b, case.eps), x, [w, b], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+
+
+@pytest.mark.parametrize("case", random_cases(40, 2, 5, seed=4), ids=str)
+def test_group_norm_matches_torch(case: Case):
+    x = case.make()
+    c = x.shape[1]
+    groups = [g for g in range(1, c + 1) if c % g == 0][case.seed % len([g for g in range(1, c + 1) if c % g == 0])]
+    w, b = _params(case, (c,), case.seed + 1)
+    go = torch.randn(x.shape, dtype=x.dtype)
+    ours = _run(lambda x, w, b: F.group_norm(x, groups, w, b, case.eps), x, [w, b], go)
+    theirs = _run(lambda x, w, b: TF.group_norm(x, groups, w, b, case.eps), x, [w, b], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+
+
+@pytest.mark.parametrize("case", _more_than_one_spatial(random_cases(30, 3, 5, seed=5)), ids=str)
+@pytest.mark.parametrize("use_input_stats", [True, False])
+def test_instance_norm_matches_torch(case: Case, use_input_stats: bool):
+    x = case.make()
+    c = x.shape[1]
+    w, b = _params(case, (c,), case.seed + 1)
+    go = torch.randn(x.shape, dtype=x.dtype)
+    rm, rv = torch.randn(c, dtype=x.dtype), torch.rand(c, dtype=x.dtype) + 0.5
+    rm_t, rv_t = rm.double(), rv.double()
+    ours = _run(lambda x, w, b: F.instance_norm(x, rm, rv, w, b, use_input_stats, 0.3, case.eps), x, [w, b], go)
+    theirs = _run(lambda x, w, b: TF.instance_norm(x, rm_t, rv_t, w, b, use_input_stats, 0.3, case.eps), x, [w, b], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+    torch.testing.assert_close(rm, rm_t.to(case.dtype), **TOL[case.dtype])
+    torch.testing.assert_close(rv, rv_t.to(case.dtype), **TOL[case.dtype])
+
+
+@pytest.mark.parametrize("case", random_cases(30, 1, 4, seed=6), ids=str)
+@pytest.mark.parametrize("eps", [None, 1e-6])
+def test_rms_norm_matches_torch(case: Case, eps):
+    x = case.make()
+    k = 1 + case.seed % min(2, x.dim())
+    shape = x.shape[-k:]
+    w, _ = _params(case, shape, case.seed + 1)
+    go = torch.randn(x.shape, dtype=x.dtype)
+    ours = _run(lambda x, w: F.rms_norm(x, shape, w, eps), x, [w], go)
+    # eps=None means the input dtype's machine epsilon: pin it before the oracle runs upcast.
+    eps_t = eps if eps is not None else torch.finfo(case.dtype).eps
+    theirs = _run(lambda x, w: TF.rms_norm(x, shape, w, eps_t), x, [w], go, upcast=True)
+    _assert_same(ours, theirs, case.dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_output_and_grad_keep_input_layout(layout: str):
+    x = Case((4, 6, 5, 3), torch.float32, layout, True, True, 1e-5, 0).make()
+    out = F.batch_norm(x, None, None, training=True)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, TF.batch_norm(x, None, None, training=True), atol=2e-5, rtol=2e-4)
