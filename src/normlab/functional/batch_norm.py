@@ -8,13 +8,22 @@ into one fixed affine map per channel. Math and backward: :mod:`normlab.function
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
 from normlab.functional._normalize import Layout, normalize
 
-__all__ = ["batch_norm", "batch_norm_layout", "updated_running_stats"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_layout",
+    "batch_norm_with_status",
+    "check_values_per_channel",
+    "commit_running_stats",
+    "updated_running_stats",
+]
 
 
 def batch_norm_layout(ndim: int, num_channels: int) -> Layout:
@@ -45,6 +54,55 @@ def updated_running_stats(
     return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
+NONFINITE_POLICIES = ("error", "skip", "commit")
+
+
+def commit_running_stats(
+    op: str,
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+    on_nonfinite: str = "error",
+) -> bool:
+    """Fold one batch's statistics into the running buffers, in place; returns whether it did.
+
+    A batch whose statistics are NaN or infinite would poison the running estimates for every
+    later evaluation, so by default it is refused before anything changes (`on_nonfinite`:
+    "error" raises naming the channels, "skip" warns and leaves the buffers alone, "commit" keeps
+    torch's behaviour). Low-precision buffers saturate at their dtype's largest value instead of
+    overflowing to inf.
+    """
+    if on_nonfinite != "commit":
+        bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
+        if bool(bad.any()):
+            channels = bad.nonzero().flatten().tolist()
+            shown = channels[:10] + (["..."] if len(channels) > 10 else [])
+            message = (
+                f"{op}: the batch statistics are NaN or infinite in channel(s) {shown} "
+                f"({len(channels)} of {bad.numel()}); the running statistics were not updated"
+            )
+            if on_nonfinite == "error":
+                raise FloatingPointError(
+                    message + ". Find the non-finite input, or pass on_nonfinite='skip' to "
+                    "drop such batches from the running statistics with a warning"
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            return False
+    with torch.no_grad():
+        new_mean, new_var = updated_running_stats(
+            running_mean, running_var, mean, var, count, momentum
+        )
+        for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
+            if buffer.dtype in (torch.float16, torch.bfloat16):
+                limit = torch.finfo(buffer.dtype).max
+                new = new.clamp(-limit, limit)
+            buffer.copy_(new)
+    return True
+
+
 def check_values_per_channel(op: str, input: Tensor) -> int:
     """Values per channel of an (N, C, *) batch; raises if training would divide by zero."""
     count = input.numel() // input.shape[1] if input.shape[1] else 0
@@ -65,6 +123,8 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    on_nonfinite: str = "error",
 ) -> Tensor:
     """Batch norm over channel dim 1 of an (N, C, *) input; same contract as torch's.
 
@@ -72,16 +132,40 @@ def batch_norm(
     update them in place (exponential average with weight `momentum` for the new batch). In
     evaluation, the running buffers normalize the input.
 
+    Args:
+        on_nonfinite: what to do with running statistics when a training batch has NaN/inf
+            statistics: "error" (default), "skip" (warn, keep the buffers) or "commit" (torch).
+            The output always carries the non-finite values; they are never masked.
+
     Raises:
         TypeError: non-floating input, or parameters of an incompatible dtype.
         ValueError: input of fewer than 2 dims, parameter shape mismatch, one value per channel in
             training, eval mode without running statistics, invalid eps or momentum.
+        FloatingPointError: non-finite batch statistics with ``on_nonfinite="error"``.
     """
+    return batch_norm_with_status(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, on_nonfinite
+    )[0]
+
+
+def batch_norm_with_status(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    on_nonfinite: str = "error",
+) -> tuple[Tensor, bool]:
+    """:func:`batch_norm`, also saying whether the running statistics were updated."""
     op = "batch_norm"
     v.check_float_input(op, input)
     v.check_min_dim(op, input, 2, "(N, C, *)")
     v.check_eps(op, eps)
     v.check_momentum(op, momentum, allow_none=False)
+    check_nonfinite_policy(op, on_nonfinite)
     c = input.shape[1]
     for name, t in (
         ("weight", weight),
@@ -100,14 +184,19 @@ def batch_norm(
                 "but running_mean and running_var are None"
             )
         stats = (running_mean.view(layout.param_shape), running_var.view(layout.param_shape))
-        return normalize(input, weight, bias, op, layout, eps, stats)[0]
+        return normalize(input, weight, bias, op, layout, eps, stats)[0], False
     count = check_values_per_channel(op, input)
     out, mean, var = normalize(input, weight, bias, op, layout, eps)
+    committed = False
     if running_mean is not None and running_var is not None and count > 0:
-        with torch.no_grad():
-            new_mean, new_var = updated_running_stats(
-                running_mean, running_var, mean, var, count, momentum
-            )
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    return out
+        committed = commit_running_stats(
+            op, running_mean, running_var, mean, var, count, momentum, on_nonfinite
+        )
+    return out, committed
+
+
+def check_nonfinite_policy(op: str, on_nonfinite: str) -> None:
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"{op}: on_nonfinite={on_nonfinite!r} must be one of {list(NONFINITE_POLICIES)}"
+        )

@@ -7,12 +7,11 @@ as torch does. Math and backward: :mod:`normlab.functional._normalize`.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
 from normlab.functional._normalize import Layout, normalize
-from normlab.functional.batch_norm import updated_running_stats
+from normlab.functional.batch_norm import check_nonfinite_policy, commit_running_stats
 
 __all__ = ["instance_norm"]
 
@@ -26,6 +25,8 @@ def instance_norm(
     use_input_stats: bool = True,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    on_nonfinite: str = "error",
 ) -> Tensor:
     """Instance norm over the spatial dims of an (N, C, *spatial) input.
 
@@ -35,6 +36,8 @@ def instance_norm(
 
     Raises:
         TypeError: non-floating input or incompatible parameter dtype.
+        FloatingPointError: non-finite statistics would enter the running buffers (see
+            :func:`normlab.functional.batch_norm`'s ``on_nonfinite``).
         ValueError: input without spatial dims, one spatial element with input statistics,
             parameter shape mismatch, missing running statistics, invalid eps or momentum.
     """
@@ -43,6 +46,7 @@ def instance_norm(
     v.check_min_dim(op, input, 3, "(N, C, *spatial) with at least one spatial dim")
     v.check_eps(op, eps)
     v.check_momentum(op, momentum, allow_none=False)
+    check_nonfinite_policy(op, on_nonfinite)
     n, c = input.shape[:2]
     for name, t in (
         ("weight", weight),
@@ -70,13 +74,17 @@ def instance_norm(
     layout = Layout(reduce_dims=spatial, param_shape=param_shape)
     out, mean, var = normalize(input, weight, bias, op, layout, eps)
     if running_mean is not None and running_var is not None and input.numel() > 0:
-        with torch.no_grad():
-            # torch's convention: the running estimate tracks the batch average of the
-            # per-instance statistics (each variance Bessel-corrected over the spatial size).
-            unbiased = var.reshape(n, c) * (count / max(count - 1, 1))
-            new_mean, new_var = updated_running_stats(
-                running_mean, running_var, mean.reshape(n, c).mean(0), unbiased.mean(0), 1, momentum
-            )
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        # torch's convention: the running estimate tracks the batch average of the
+        # per-instance statistics (each variance Bessel-corrected over the spatial size).
+        unbiased = var.reshape(n, c) * (count / max(count - 1, 1))
+        commit_running_stats(
+            op,
+            running_mean,
+            running_var,
+            mean.reshape(n, c).mean(0),
+            unbiased.mean(0),
+            1,
+            momentum,
+            on_nonfinite,
+        )
     return out

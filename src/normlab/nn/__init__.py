@@ -9,6 +9,7 @@ from normlab.nn.batchnorm import (
     InstanceNorm3d,
 )
 from normlab.nn.normalization import GroupNorm, LayerNorm, RMSNorm
+from normlab.nn.utils import nonfinite_buffers
 
 __all__ = [
     "BatchNorm1d",
@@ -20,4 +21,5 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "nonfinite_buffers",
 ]

@@ -22,7 +22,7 @@ from torch.nn import Module, Parameter, init
 
 from normlab import functional as F
 from normlab.functional import _validate as v
-from normlab.functional.batch_norm import check_values_per_channel
+from normlab.functional.batch_norm import batch_norm_with_status, check_nonfinite_policy
 
 __all__ = [
     "BatchNorm1d",
@@ -55,12 +55,17 @@ class _NormBase(Module):
         dtype: Any = None,
         *,
         bias: bool = True,
+        on_nonfinite: str = "error",
     ) -> None:
         super().__init__()
         name = type(self).__name__
         v.check_positive_int(name, "num_features", num_features)
         v.check_eps(name, eps)
         v.check_momentum(name, momentum)
+        check_nonfinite_policy(name, on_nonfinite)
+        # What a training batch with NaN/inf statistics does to the running statistics:
+        # "error" (default), "skip" with a warning, or "commit" (torch's behaviour).
+        self.on_nonfinite = on_nonfinite
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -148,35 +153,42 @@ class _BatchNorm(_NormBase):
                 f"(num_features), got input of shape {list(input.shape)}"
             )
 
+    def _next_momentum(self) -> float:
+        """Weight of the next batch in the running average (the counter is not moved)."""
+        if self.momentum is None:  # cumulative moving average
+            assert self.num_batches_tracked is not None
+            return 1.0 / (float(self.num_batches_tracked) + 1.0)
+        return self.momentum
+
     def _momentum_for_update(self) -> float:
         """Weight of this batch in the running average; bumps the batch counter."""
+        momentum = self._next_momentum()
         assert self.num_batches_tracked is not None
         self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative moving average
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
+        return momentum
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         # Batch statistics in training, and in eval when no running statistics are kept.
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update and input.numel() > 0:
-            # Fail before the counter moves: a rejected call changes no state.
-            check_values_per_channel(type(self).__name__, input)
-            momentum = self._momentum_for_update()
         track = update or not self.training
-        return F.batch_norm(
+        out, committed = batch_norm_with_status(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight,
             self.bias,
             use_batch_stats,
-            momentum,
+            self._next_momentum() if update else 0.0,
             self.eps,
+            self.on_nonfinite,
         )
+        # The counter moves only once the statistics are in: a rejected call changes no state.
+        if committed:
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.add_(1)
+        return out
 
 
 class BatchNorm1d(_BatchNorm):
@@ -191,6 +203,9 @@ class BatchNorm1d(_BatchNorm):
         track_running_stats: keep running statistics for evaluation; if False, batch statistics
             are used in evaluation too.
         bias: learnable beta when ``affine`` (keyword-only, as in torch).
+        on_nonfinite: a training batch whose statistics are NaN/inf is refused with an error
+            ("error", default; the buffers and counter stay as they were), dropped from the
+            running statistics with a warning ("skip"), or committed as torch does ("commit").
 
     Shape:
         Input (N, C) or (N, C, L); output the same.
@@ -225,9 +240,18 @@ class _InstanceNorm(_NormBase):
         dtype: Any = None,
         *,
         bias: bool = True,
+        on_nonfinite: str = "error",
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            on_nonfinite=on_nonfinite,
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -294,6 +318,7 @@ class _InstanceNorm(_NormBase):
             self.training or not self.track_running_stats,
             self.momentum if self.momentum is not None else 0.0,
             self.eps,
+            on_nonfinite=self.on_nonfinite,
         )
         return out.squeeze(0) if unbatched else out
 

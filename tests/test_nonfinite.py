@@ -1,0 +1,75 @@
+"""Non-finite inputs: propagated in outputs, never committed to running statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import normlab.functional as F
+import normlab.nn as nnl
+
+
+def _poisoned(shape=(4, 3, 5), channel=1, value=math.nan):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[0, channel, 0] = value
+    return x
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("cls", [nnl.BatchNorm1d, nnl.InstanceNorm1d])
+def test_default_refuses_the_batch_and_names_the_channel(cls, value):
+    m = cls(3, track_running_stats=True)
+    m.train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) \[1\] \(1 of 3\); the running statistics were not updated"):
+        m(_poisoned(value=value))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_skip_warns_keeps_buffers_and_propagates_nan_in_the_output():
+    m = nnl.BatchNorm1d(3, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="were not updated"):
+        out = m(_poisoned())
+    assert torch.isnan(out[:, 1]).all()  # the poisoned channel's statistics are NaN: never masked
+    assert torch.isfinite(out[:, [0, 2]]).all()  # other channels unaffected
+    assert m.num_batches_tracked.item() == 0
+    assert torch.equal(m.running_mean, torch.zeros(3))
+
+
+def test_commit_reproduces_torch_and_the_helper_finds_the_damage():
+    model = nn.Sequential(nn.Linear(3, 3), nnl.BatchNorm1d(3, on_nonfinite="commit"))
+    x = torch.randn(4, 3)
+    x[0, 0] = math.nan
+    model(x)
+    assert nnl.nonfinite_buffers(model) == ["1.running_mean", "1.running_var"]
+    assert nnl.nonfinite_buffers(nn.Sequential(nnl.BatchNorm1d(3))) == []
+
+
+def test_per_sample_norms_keep_nonfinite_values_within_their_sample():
+    x = torch.randn(3, 8)
+    x[1, 2] = math.inf
+    for out in (F.layer_norm(x, (8,)), F.rms_norm(x, (8,)), F.group_norm(x.view(3, 8, 1), 2).view(3, 8)):
+        assert torch.isfinite(out[[0, 2]]).all()
+        assert not torch.isfinite(out[1]).all()
+
+
+def test_float16_running_statistics_saturate_instead_of_overflowing():
+    m = nnl.BatchNorm1d(4, momentum=1.0).half()
+    x = (torch.randn(64, 4) * 1000).half()  # variance ~1e6, beyond float16's 65504
+    out = m(x)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.isfinite(m.running_var).all()
+    assert (m.running_var == torch.finfo(torch.float16).max).all()
+    # float32 buffers with float16 input (mixed precision) hold the true value.
+    m32 = nnl.BatchNorm1d(4, momentum=1.0)
+    F.batch_norm(x, m32.running_mean, m32.running_var, training=True, momentum=1.0)
+    torch.testing.assert_close(m32.running_var, x.float().var(0), rtol=1e-3, atol=0)
+
+
+def test_invalid_policy_is_rejected():
+    with pytest.raises(ValueError, match=r"on_nonfinite='ignore' must be one of"):
+        nnl.BatchNorm2d(3, on_nonfinite="ignore")
