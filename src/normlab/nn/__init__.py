@@ -8,18 +8,32 @@ from normlab.nn.batchnorm import (
     InstanceNorm2d,
     InstanceNorm3d,
 )
+from normlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.normalization import GroupNorm, LayerNorm, RMSNorm
+from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from normlab.nn.utils import nonfinite_buffers
+from normlab.nn.ws_conv import WSConv2d
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "WSConv2d",
     "nonfinite_buffers",
 ]
