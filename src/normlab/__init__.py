@@ -4,7 +4,7 @@
 ``normlab.kernels`` the one place where a fast kernel is chosen.
 """
 
-from normlab import functional, kernels, nn
+from normlab import data, functional, init, kernels, nn
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "functional", "kernels", "nn"]
+__all__ = ["__version__", "data", "functional", "init", "kernels", "nn"]

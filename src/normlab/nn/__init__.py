@@ -12,6 +12,7 @@ from normlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchN
 from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.normalization import GroupNorm, LayerNorm, RMSNorm
 from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from normlab.nn.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from normlab.nn.utils import nonfinite_buffers
 from normlab.nn.ws_conv import WSConv2d
 
@@ -34,6 +35,8 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "WSConv2d",
+    "convert_sync_batchnorm",
     "nonfinite_buffers",
 ]
