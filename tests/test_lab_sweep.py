@@ -92,7 +92,10 @@ def test_bad_workers_and_missing_ray_release_claims(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not HAVE_RAY, reason="ray is not installed (optional: pip install ray)")
-def test_ray_local_instance(tmp_path: Path) -> None:
+def test_ray_local_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's workers start from the environment of the local instance: let them import lab_fakes.
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     fast = FastExperiment()
     tasks = make_tasks(fast, fast.default_config(quick=True), 2)
     with Store(tmp_path / "lab.db") as store:
