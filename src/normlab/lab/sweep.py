@@ -374,7 +374,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError:
         raise SweepError(
-            "--ray-address needs Ray, which is not installed: pip install 'ray[default]'"
+            "--ray-address needs Ray, which is not installed: pip install 'normlab[ray]'"
         ) from None
     return ray
 
