@@ -13,10 +13,15 @@ from normlab.lab.experiments.c01_input_standardization import InputStandardizati
 from normlab.lab.experiments.c02_initialization import Initialization
 from normlab.lab.experiments.c03_bn_convergence import BNConvergence
 from normlab.lab.experiments.c04_learning_rate import LearningRate
+from normlab.lab.experiments.c05_covariate_shift import CovariateShift
+from normlab.lab.experiments.c06_gradient_flow_depth import GradientFlowDepth
+from normlab.lab.experiments.c07_dead_units import DeadReLUs
 from normlab.lab.experiments.c08_regularization import Regularization
+from normlab.lab.experiments.c09_batch_size import BatchSize
 from normlab.lab.experiments.c10_batch_coupling import BatchCoupling
 from normlab.lab.experiments.c11_recurrent import Recurrent
 from normlab.lab.experiments.c12_gan import GAN
+from normlab.lab.experiments.c13_train_inference_gap import TrainInferenceGap
 from normlab.lab.experiments.c14_instance_contrast import InstanceContrast
 
 __all__ = ["ALL", "get", "names"]
@@ -32,10 +37,15 @@ ALL: list[Experiment] = sorted(
         Initialization(),
         BNConvergence(),
         LearningRate(),
+        CovariateShift(),
+        GradientFlowDepth(),
+        DeadReLUs(),
         Regularization(),
+        BatchSize(),
         BatchCoupling(),
         Recurrent(),
         GAN(),
+        TrainInferenceGap(),
         InstanceContrast(),
     ],
     key=_claim_number,
