@@ -75,7 +75,8 @@ def commit_running_stats(
     torch's behaviour). Low-precision buffers saturate at their dtype's largest value instead of
     overflowing to inf.
     """
-    if on_nonfinite != "commit":
+    # One scalar check on the common path; the per-channel search only runs on a bad batch.
+    if on_nonfinite != "commit" and not bool(torch.isfinite(mean.sum() + var.sum())):
         bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
         if bool(bad.any()):
             channels = bad.nonzero().flatten().tolist()
