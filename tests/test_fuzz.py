@@ -102,7 +102,7 @@ def test_fuzz_module_construction(features, eps, momentum, affine, track):
         lambda: nnl.LayerNorm(features, eps, affine),
         lambda: nnl.RMSNorm(features, eps, affine),
     ):
-        module, err = _call(ctor)
+        _module, err = _call(ctor)
         if err is None:
             assert features > 0 and eps > 0 and math.isfinite(eps)
         else:

@@ -44,5 +44,5 @@ def test_double_backward_is_refused_with_a_clear_error():
     x = _t(4, 3)
     y = F.layer_norm(x, (3,))
     (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double"):
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad|double"):
         g.sum().backward()

@@ -6,6 +6,7 @@ statistics routine in ``moments.py``.
 """
 
 from normlab.functional.batch_norm import batch_norm, updated_running_stats
+from normlab.functional.fused import add_layer_norm, add_rms_norm, batch_norm_act, group_norm_act
 from normlab.functional.group_norm import group_norm
 from normlab.functional.instance_norm import instance_norm
 from normlab.functional.layer_norm import layer_norm
@@ -14,8 +15,12 @@ from normlab.functional.rms_norm import rms_norm
 
 __all__ = [
     "Moments",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
+    "batch_norm_act",
     "group_norm",
+    "group_norm_act",
     "instance_norm",
     "layer_norm",
     "merge_moments",

@@ -163,7 +163,7 @@ class _Normalize(torch.autograd.Function):
         x, weight, mean, invstd = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-            grad_out.contiguous(memory_format=_memory_format(grad_out, x)),
+            _like_input(grad_out, x),
             x,
             weight,
             mean,
@@ -177,13 +177,13 @@ class _Normalize(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _memory_format(grad_out: Tensor, x: Tensor) -> torch.memory_format:
-    # Keep the gradient in the input's layout so elementwise math runs over matching strides.
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+def _like_input(grad_out: Tensor, x: Tensor) -> Tensor:
+    """`grad_out` laid out like the input, so the backward's elementwise math runs over matching
+    strides; no copy when it already is (the common case, also for grouped views of channels_last
+    input)."""
+    if grad_out.stride() == x.stride():
+        return grad_out
+    return torch.empty_like(x, dtype=grad_out.dtype).copy_(grad_out)
 
 
 def normalize(

@@ -5,6 +5,14 @@ always available, always tested, and the oracle for any faster kernel. A fast ke
 itself here for the ops, devices and dtypes it supports; :func:`select` returns it when it applies
 and the reference otherwise.
 
+Built-in kernels (registered at import, compiled or imported only on first use):
+
+* CPU (float32/float64/bfloat16/float16): C++ kernels in :mod:`normlab.kernels.cpu`, built lazily
+  by :mod:`normlab.kernels._build` with the system C++ compiler and cached on disk
+  (``NORMLAB_CACHE_DIR``); without a compiler, normlab warns once and uses the reference.
+* CUDA (float32/bfloat16/float16): Triton kernels in :mod:`normlab.kernels.triton_kernels`, when
+  triton is installed.
+
 Force the reference path with the environment variable ``NORMLAB_KERNELS=reference`` or, in code,
 ``with normlab.kernels.use_reference(): ...``.
 """
@@ -72,3 +80,18 @@ def use_reference() -> Iterator[None]:
         yield
     finally:
         _state.reference = previous
+
+
+def _register_builtin_kernels() -> None:
+    """Register normlab's own fast kernels: C++ on CPU, Triton on CUDA when triton imports.
+
+    Cheap: nothing is compiled or imported from triton here; the C++ library is built on the first
+    call that needs it (see :mod:`normlab.kernels._build`).
+    """
+    from normlab.kernels import cpu, gpu
+
+    cpu.register_all()
+    gpu.register_all()
+
+
+_register_builtin_kernels()

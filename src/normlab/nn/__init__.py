@@ -9,6 +9,7 @@ from normlab.nn.batchnorm import (
     InstanceNorm3d,
 )
 from normlab.nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from normlab.nn.fused import BatchNormAct2d, FusedAddLayerNorm, FusedAddRMSNorm, GroupNormAct
 from normlab.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from normlab.nn.normalization import GroupNorm, LayerNorm, RMSNorm
 from normlab.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -20,16 +21,20 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct2d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "FusedAddLayerNorm",
+    "FusedAddRMSNorm",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "GroupNorm",
+    "GroupNormAct",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",

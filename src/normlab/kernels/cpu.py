@@ -1,0 +1,429 @@
+"""C++ CPU kernels for every normalization op, registered behind :mod:`normlab.kernels`.
+
+Each op's :class:`~normlab.functional._normalize.Layout` and the input's strides are mapped onto
+one of two canonical problems solved by ``csrc/normlab_cpu.cpp``:
+
+* rows: ``x`` is ``[R][K][S]`` contiguous with statistics per row (layer/RMS norm, group and
+  instance norm on NCHW) or per channel across rows (batch norm on NCHW);
+* columns: ``x`` is ``[O][P][C]`` contiguous with channels innermost (channels_last batch,
+  instance and group norm, and ``(N, C)`` batch norm), statistics per ``(o, group)``.
+
+Inputs with other strides are made contiguous first. Forward returns the reference's
+``(out, mean, var, invstd)`` with the same shapes and dtypes, so the kernel and the reference are
+interchangeable between forward and backward; the backward saves nothing beyond them. When the
+library cannot be built, every call runs the reference (after one warning).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from normlab import kernels
+from normlab.kernels import _build
+
+__all__ = ["ACTIVATIONS", "DTYPE_CODES", "register_all"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+
+
+def _applies(x: Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and x.layout == torch.strided
+            and _build.available())
+
+
+def _cdtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, name: str) -> None:
+    if rc != 0:
+        raise RuntimeError(f"normlab CPU kernel {name} rejected its arguments (code {rc})")
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(n: int, cdtype: torch.dtype, fill: float, device: str) -> Tensor:
+    # Read-only stand-ins for a missing weight (ones) or bias (zeros), cached: rebuilding them
+    # costs more than a small kernel call.
+    return torch.full((n,), fill, dtype=cdtype, device=device)
+
+
+def _param(p: Tensor | None, n: int, cdtype: torch.dtype, fill: float,
+           device: str = "cpu") -> Tensor:
+    """A flat, contiguous `cdtype` view of a parameter; kernels only read its data pointer."""
+    if p is None:
+        return _filled(n, cdtype, fill, device)
+    if p.dtype == cdtype and p.is_contiguous():
+        return p  # the common case, without four tensor calls of overhead
+    return p.detach().to(cdtype).reshape(-1).contiguous()
+
+
+def _channels_last(x: Tensor, nchan: int = 1) -> bool:
+    """True if the `nchan` dims after the batch dim are innermost and the tensor is dense."""
+    src = tuple(range(1, 1 + nchan))
+    dst = tuple(range(x.dim() - nchan, x.dim()))
+    return x.movedim(src, dst).is_contiguous()
+
+
+def _like(x: Tensor, t: Tensor) -> Tensor:
+    """`t` with exactly `x`'s strides (copied only if they differ)."""
+    if t.stride() == x.stride():
+        return t
+    out = torch.empty_like(x, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _stats(shape: tuple[int, ...], n: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    empty = torch.empty
+    return (empty(shape, dtype=cdtype), empty(shape, dtype=cdtype),  # type: ignore[return-value]
+            empty(shape, dtype=cdtype))
+
+
+def _reference() -> Any:
+    from normlab.functional import _normalize
+
+    return _normalize
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers. All take contiguous-in-the-right-order inputs and flat float parameter vectors.
+
+
+def _lib(x: Tensor, act: int) -> Any:
+    return _build.library(DTYPE_CODES[x.dtype], act != 0)
+
+
+def _row_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, R: int, K: int, S: int, Gp: int,
+                 eps: float, center: bool, stats_shape: tuple[int, ...], act: int = 0,
+                 residual: Tensor | None = None) -> tuple[Tensor, ...]:
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if residual is not None else None
+    mean, var, invstd = _stats(stats_shape, R, w.dtype)
+    _check(lib.nl_row_forward(DTYPE_CODES[x.dtype], act, x.data_ptr(), _ptr(residual), _ptr(s),
+                              y.data_ptr(), R, K, S, Gp, w.data_ptr(), b.data_ptr(), float(eps),
+                              int(center), mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
+           "row_forward")
+    return y, mean, var, invstd, s  # type: ignore[return-value]
+
+
+def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor,
+                  invstd: Tensor, R: int, K: int, S: int, Gp: int, smod: int, center: bool,
+                  batch_stats: bool, need_dx: bool, act: int = 0,
+                  dextra: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Returns (dx, grad_weight, grad_bias) with the parameter grads summed to (Gp*K,)."""
+    cd = w.dtype
+    dx = torch.empty_like(x) if need_dx else None
+    per_elem = S == 1 and Gp == 1  # layer/RMS norm: partials per chunk of rows
+    if per_elem:
+        nchunk = max(1, min(R, 64))
+        gw = torch.empty(nchunk, K, dtype=cd)
+    else:
+        nchunk = 0
+        gw = torch.empty(R, K, dtype=cd)
+    gb = torch.empty_like(gw)
+    mean = mean.reshape(-1).contiguous()
+    invstd = invstd.reshape(-1).contiguous()
+    _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
+                               _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
+                               b.data_ptr(), mean.data_ptr(), invstd.data_ptr(), int(center),
+                               int(batch_stats), gw.data_ptr(), gb.data_ptr(), nchunk),
+           "row_backward")
+    if per_elem:
+        return dx, gw.sum(0), gb.sum(0)
+    return dx, gw.view(-1, Gp * K).sum(0), gb.view(-1, Gp * K).sum(0)
+
+
+def _col_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, outer: int, P: int, C: int, G: int,
+                 eps: float, stats_shape: tuple[int, ...],
+                 given: tuple[Tensor, Tensor, Tensor] | None = None,
+                 act: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y = torch.empty_like(x)
+    if given is None:
+        mean, var, invstd = _stats(stats_shape, outer * G, w.dtype)
+    else:
+        mean, var, invstd = given
+    _check(lib.nl_col_forward(DTYPE_CODES[x.dtype], act, x.data_ptr(), y.data_ptr(), outer, P, C, G,
+                              w.data_ptr(), b.data_ptr(), float(eps), int(given is not None),
+                              mean.data_ptr(), var.data_ptr(), invstd.data_ptr()), "col_forward")
+    return y, mean, var, invstd
+
+
+def _opc_strides(t: Tensor, nchan: int, outer: int, P: int,
+                 C: int) -> tuple[int, int, int] | None:
+    """Element strides of `t` (N, *channel dims, *spatial) seen as [outer][P][C], if a view.
+
+    The kernel then gathers tiles of `t` itself, which is cheaper than a full-tensor copy (e.g.
+    group norm's grad_out arrives NCHW-contiguous for a channels_last input).
+    """
+    v = t.movedim(tuple(range(1, 1 + nchan)), tuple(range(t.dim() - nchan, t.dim())))
+    try:
+        v = v.view(outer, P, C)
+    except RuntimeError:  # not expressible as a view
+        return None
+    return v.stride(0), v.stride(1), v.stride(2)
+
+
+def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor,
+                  invstd: Tensor, outer: int, P: int, C: int, G: int, batch_stats: bool,
+                  need_dx: bool, act: int = 0, nchan: int = 1) -> tuple[Tensor | None, Tensor,
+                                                                          Tensor]:
+    dx = torch.empty_like(x) if need_dx else None
+    gw = torch.empty(C, dtype=w.dtype)
+    gb = torch.empty_like(gw)
+    mean = mean.reshape(-1).contiguous()
+    invstd = invstd.reshape(-1).contiguous()
+    strides = _opc_strides(dy, nchan, outer, P, C)
+    if strides is None:  # no uniform (o, p, c) strides: copy into x's layout
+        dy = _like(x, dy)
+        strides = (P * C, C, 1)
+    _check(lib.nl_col_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), *strides, x.data_ptr(),
+                               _ptr(dx), outer, P, C, G, w.data_ptr(), b.data_ptr(),
+                               mean.data_ptr(), invstd.data_ptr(), int(batch_stats),
+                               gw.data_ptr(), gb.data_ptr()), "col_backward")
+    return dx, gw, gb
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: which canonical problem an (op, layout, input) is.
+
+
+class _Plan:
+    """How one op's input maps onto a canonical kernel problem."""
+
+    def __init__(self, kind: str, x: Tensor, dims: dict[str, int], nparam: int,
+                 stats_shape: tuple[int, ...]) -> None:
+        self.kind, self.x, self.dims = kind, x, dims
+        self.nparam, self.stats_shape = nparam, stats_shape
+
+
+def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
+    """The canonical problem for `op` on `x`, or None to use the reference."""
+    nd = x.dim()
+    if x.numel() == 0:
+        return None
+    if op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        k = len(layout.param_shape)
+        if fixed or layout.reduce_dims != tuple(range(nd - k, nd)):
+            return None
+        M = math.prod(layout.param_shape)
+        xc = x.contiguous()
+        return _Plan("row", xc, {"R": x.numel() // M, "K": M, "S": 1, "Gp": 1}, M,
+                     (*x.shape[: nd - k], *(1,) * k))
+    if op in ("group_norm", "group_norm_act"):
+        if fixed or nd < 3 or layout.reduce_dims != tuple(range(2, nd)):
+            return None
+        N, G, K = x.shape[:3]
+        S = math.prod(x.shape[3:])
+        shape = (N, G, *(1,) * (nd - 2))
+        if not x.is_contiguous() and _channels_last(x, 2):
+            return _Plan("col", x, {"O": N, "P": S, "C": G * K, "G": G, "nchan": 2}, G * K,
+                         shape)
+        return _Plan("row", x.contiguous(), {"R": N * G, "K": K, "S": S, "Gp": G}, G * K, shape)
+    if op in ("batch_norm", "batch_norm_act", "instance_norm"):
+        if nd < 2:
+            return None
+        N, C = x.shape[:2]
+        S = math.prod(x.shape[2:])
+        per_sample = op == "instance_norm" and not fixed
+        want = tuple(range(2, nd)) if op == "instance_norm" else (0, *range(2, nd))
+        if layout.reduce_dims != want or (op == "instance_norm" and nd < 3):
+            return None
+        shape = (N, C, *(1,) * (nd - 2)) if per_sample else (1, C, *(1,) * (nd - 2))
+        if _channels_last(x):
+            if per_sample:
+                return _Plan("col", x, {"O": N, "P": S, "C": C, "G": C}, C, shape)
+            return _Plan("col", x, {"O": 1, "P": N * S, "C": C, "G": C}, C, shape)
+        xc = x.contiguous()
+        if per_sample:
+            return _Plan("row", xc, {"R": N * C, "K": 1, "S": S, "Gp": C}, C, shape)
+        if fixed:
+            return _Plan("row_fixed", xc, {"R": N * C, "K": 1, "S": S, "Gp": C, "smod": C}, C,
+                         shape)
+        return _Plan("bn_rows", xc, {"N": N, "C": C, "S": S}, C, shape)
+    return None
+
+
+def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any,
+             eps: float, stats: tuple[Tensor, Tensor] | None, act: int = 0,
+             residual: Tensor | None = None) -> tuple[Tensor, ...] | None:
+    """Kernel forward, or None when the reference must run (unsupported plan, no library)."""
+    plan = _plan(op, x, layout, stats is not None)
+    if plan is None or (residual is not None and plan.kind != "row"):
+        return None
+    lib = _lib(x, act)
+    if lib is None:
+        return None
+    cd = _cdtype(x.dtype)
+    w = _param(weight, plan.nparam, cd, 1.0)
+    b = _param(bias, plan.nparam, cd, 0.0)
+    d = plan.dims
+    given = None
+    if stats is not None:
+        mean, var = (s.to(cd, copy=True) for s in stats)
+        given = (mean, var, (var + eps).rsqrt())
+    if plan.kind == "row":
+        res = None if residual is None else residual.contiguous()
+        y, mean, var, invstd, s = _row_forward(lib, plan.x, w, b, d["R"], d["K"], d["S"], d["Gp"],
+                                               eps, layout.center, plan.stats_shape, act, res)
+        return (y, mean, var, invstd, s) if residual is not None else (y, mean, var, invstd)
+    if plan.kind == "col":
+        return _col_forward(lib, plan.x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
+                            plan.stats_shape, given, act)
+    if plan.kind == "row_fixed":
+        assert given is not None
+        y = torch.empty_like(plan.x)
+        mean, var, invstd = given
+        _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
+                                    d["R"], d["K"], d["S"], d["Gp"], d["smod"], w.data_ptr(),
+                                    b.data_ptr(), mean.reshape(-1).contiguous().data_ptr(),
+                                    invstd.reshape(-1).contiguous().data_ptr()), "row_normalize")
+        return y, mean, var, invstd
+    # bn_rows
+    y = torch.empty_like(plan.x)
+    mean, var, invstd = _stats(plan.stats_shape, d["C"], cd)
+    _check(lib.nl_bn_rows_forward(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
+                                  d["N"], d["C"], d["S"], w.data_ptr(), b.data_ptr(), float(eps),
+                                  mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
+           "bn_rows_forward")
+    return y, mean, var, invstd
+
+
+def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+              mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
+              needs: tuple[bool, bool, bool], act: int = 0,
+              dextra: Tensor | None = None) -> tuple[Tensor | None, ...] | None:
+    plan = _plan(op, x, layout, not batch_stats)
+    if plan is None:
+        return None
+    lib = _lib(x, act)
+    if lib is None:
+        return None
+    cd = mean.dtype
+    w = _param(weight, plan.nparam, cd, 1.0)
+    b = _param(bias, plan.nparam, cd, 0.0)
+    d = plan.dims
+    dy = grad_out if plan.kind == "col" else _like(plan.x, grad_out)
+    if plan.kind == "row":
+        de = None if dextra is None else _like(plan.x, dextra)
+        dx, gw, gb = _row_backward(lib, dy, plan.x, w, b, mean, invstd, d["R"], d["K"], d["S"],
+                                   d["Gp"], 0, layout.center, batch_stats, needs[0], act, de)
+    elif plan.kind == "row_fixed":
+        dx, gw, gb = _row_backward(lib, dy, plan.x, w, b, mean, invstd, d["R"], d["K"], d["S"],
+                                   d["Gp"], d["smod"], True, False, needs[0], act)
+    elif plan.kind == "col":
+        dx, gw, gb = _col_backward(lib, dy, plan.x, w, b, mean, invstd, d["O"], d["P"], d["C"],
+                                   d["G"], batch_stats, needs[0], act, d.get("nchan", 1))
+    else:  # bn_rows
+        dx = torch.empty_like(plan.x) if needs[0] else None
+        gw = torch.empty(d["C"], dtype=cd)
+        gb = torch.empty_like(gw)
+        _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
+                                       plan.x.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
+                                       w.data_ptr(), b.data_ptr(),
+                                       mean.reshape(-1).contiguous().data_ptr(),
+                                       invstd.reshape(-1).contiguous().data_ptr(),
+                                       gw.data_ptr(), gb.data_ptr()), "bn_rows_backward")
+    grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
+        else None
+    grad_bias = gb if needs[2] else None
+    return dx, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel objects with the reference's signatures.
+
+
+def _make(op: str) -> kernels.Kernel:
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
+                stats: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
+        out = _forward(op, x, weight, bias, layout, eps, stats)
+        if out is None:
+            return _reference().normalize_forward(x, weight, bias, layout, eps, stats)
+        return out
+
+    def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
+                 invstd: Tensor, layout: Any, batch_stats: bool,
+                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+        # The reference backward reads no bias; the kernel needs one only to recompute a fused
+        # activation, so a plain norm passes zeros.
+        out = _backward(op, grad_out, x, weight, None, mean, invstd, layout, batch_stats, needs)
+        if out is None:
+            return _reference().normalize_backward(grad_out, x, weight, mean, invstd, layout,
+                                                   batch_stats, needs)
+        return out
+
+    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
+
+
+def _fused_reference() -> Any:
+    from normlab.functional import fused
+
+    return fused
+
+
+def _make_add_norm(op: str) -> kernels.Kernel:
+    def forward(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                layout: Any, eps: float) -> tuple[Tensor, ...]:
+        out = _forward(op, x, weight, bias, layout, eps, None, residual=residual)
+        if out is None:
+            return _fused_reference().add_norm_forward(x, residual, weight, bias, layout, eps)
+        y, mean, var, invstd, s = out
+        return y, s, mean, var, invstd
+
+    def backward(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+                 weight: Tensor | None, mean: Tensor, invstd: Tensor, layout: Any,
+                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+        out = None
+        if grad_out is not None:
+            out = _backward(op, grad_out, s, weight, None, mean, invstd, layout, True, needs,
+                            dextra=grad_sum)
+        if out is None:
+            return _fused_reference().add_norm_backward(grad_out, grad_sum, s, weight, mean,
+                                                        invstd, layout, needs)
+        return out
+
+    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
+
+
+def _make_norm_act(op: str) -> kernels.Kernel:
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
+                stats: tuple[Tensor, Tensor] | None, activation: str | None) -> tuple[Tensor, ...]:
+        out = _forward(op, x, weight, bias, layout, eps, stats, ACTIVATIONS[activation])
+        if out is None:
+            return _fused_reference().norm_act_forward(x, weight, bias, layout, eps, stats,
+                                                       activation)
+        return out
+
+    def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
+                 needs: tuple[bool, bool, bool],
+                 activation: str | None) -> tuple[Tensor | None, ...]:
+        out = _backward(op, grad_out, x, weight, bias, mean, invstd, layout, batch_stats, needs,
+                        ACTIVATIONS[activation])
+        if out is None:
+            return _fused_reference().norm_act_backward(grad_out, x, weight, bias, mean, invstd,
+                                                        layout, batch_stats, needs, activation)
+        return out
+
+    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
+
+
+def register_all() -> None:
+    """Register the CPU kernels for the five norm ops and the fused ones (nothing is compiled
+    here)."""
+    for op in ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"):
+        kernels.register(op, _make(op))
+    for op in ("add_layer_norm", "add_rms_norm"):
+        kernels.register(op, _make_add_norm(op))
+    for op in ("batch_norm_act", "group_norm_act"):
+        kernels.register(op, _make_norm_act(op))

@@ -1,0 +1,1021 @@
+// normlab CPU kernels: one-sweep normalization forward and backward, parallel over at::parallel_for.
+//
+// The Python planner (normlab/kernels/cpu.py) maps every op onto one of two canonical layouts:
+//
+//   row family     x is [R][K][S] contiguous; statistics per row (over its K*S elements), or per
+//                  channel c = r % C for batch norm on NCHW ("bn_rows"); parameter index of
+//                  element (r, k, s) is (r % Gp) * K + k. Layer/RMS norm: K = features, S = 1;
+//                  group norm NCHW: R = N*G, K = C/G, S = spatial; instance norm NCHW: K = 1.
+//   column family  x is [O][P][C] contiguous (channels innermost); statistics per (o, g) over the
+//                  P rows and the K = C/G channels of group g. Batch norm channels_last: O = 1,
+//                  G = C; instance norm: O = N, G = C; group norm: O = N.
+//
+// Numerics: statistics accumulate in float (double for double inputs). A row is reduced in blocks
+// of kBlock elements; each block takes shifted sums (sum of x - x0 and of its square, x0 an
+// estimate of the block's mean) and blocks merge with Chan's pairwise update in double, so large
+// offsets (1e4 + 0.01 noise) keep their variance. Columns use shifted sums over chunks of rows, merged the same way. The mean is carried
+// in double and normalization subtracts it as a float pair (hi + lo), which keeps x - mean exact to
+// float rounding at large offsets. Partial sums are laid out per fixed-size chunk, not per thread,
+// so results do not depend on the number of threads or on scheduling.
+//
+// Every kernel reads its input at most twice from memory: once when a whole row fits in cache
+// (stats then normalize), twice when statistics span rows (batch norm, columns).
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using i64 = int64_t;
+
+constexpr i64 kBlock = 4096;        // elements per cached block of a row
+constexpr i64 kWork = 16384;        // elements per parallel task (grain)
+
+// ------------------------------------------------------------------------------------------------
+// Storage types and conversions. bfloat16 and float16 are 16-bit storage; math runs in float.
+
+struct bf16_t {
+  uint16_t bits;
+};
+
+#if defined(__FLT16_MAX__)
+using fp16_t = _Float16;
+inline float to_acc(fp16_t v) { return static_cast<float>(v); }
+inline fp16_t fp16_from(float v) { return static_cast<fp16_t>(v); }
+#else
+struct fp16_t {
+  uint16_t bits;
+};
+inline float to_acc(fp16_t v) {
+  const uint32_t h = v.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp == 0) {
+    float f = std::ldexp(static_cast<float>(man), -24);
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  } else {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline fp16_t fp16_from(float v) {
+  // Round to nearest even through float arithmetic; overflow saturates to inf.
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  float a = std::fabs(v);
+  if (std::isnan(v)) return fp16_t{static_cast<uint16_t>(sign | 0x7e00u)};
+  if (a >= 65520.0f) return fp16_t{static_cast<uint16_t>(sign | 0x7c00u)};
+  if (a < 6.103515625e-05f) {  // subnormal: multiples of 2^-24
+    const uint32_t m = static_cast<uint32_t>(std::nearbyint(a * 16777216.0f));
+    return fp16_t{static_cast<uint16_t>(sign | m)};
+  }
+  std::memcpy(&u, &a, 4);
+  u += 0xfffu + ((u >> 13) & 1u);
+  return fp16_t{static_cast<uint16_t>(sign | (((u >> 23) - 112) << 10) | ((u >> 13) & 0x3ffu))};
+}
+#endif
+
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16_t v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.bits) << 16);
+}
+
+template <class T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <class T> using acc_t = typename Acc<T>::type;
+
+template <class T> inline T from_acc(acc_t<T> v);
+template <> inline float from_acc<float>(float v) { return v; }
+template <> inline double from_acc<double>(double v) { return v; }
+template <> inline fp16_t from_acc<fp16_t>(float v) { return fp16_from(v); }
+template <> inline bf16_t from_acc<bf16_t>(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  if ((u & 0x7fffffffu) > 0x7f800000u) r = (u >> 16) | 0x40u;  // NaN stays NaN
+  return bf16_t{static_cast<uint16_t>(r)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Activations applied after the affine map (fused norm + activation).
+
+enum { ACT_NONE = 0, ACT_RELU = 1, ACT_SILU = 2, ACT_GELU = 3 };
+
+// Vectorizable float exp and erf: glibc's expf/erff are scalar calls unless -ffast-math, which
+// would also drop NaN/inf semantics. exp: Cody-Waite reduction x = n ln2 + r and Cephes' degree-6
+// polynomial (about 1 ulp); erf: Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7).
+inline float vexp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  // Round to nearest with the 1.5 * 2^23 trick: floorf does not vectorize without -ffast-math.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  const float z = r * r;
+  const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
+                    4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f;
+  const float e = p * z + r + 1.0f;
+  // __builtin_bit_cast, not memcpy: a memcpy through the stack blocks vectorization.
+  return e * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline float verf(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  const float poly =
+      ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+       0.254829592f) * t;
+  const float y = 1.0f - poly * vexp(-a * a);
+  return std::copysign(y, x);
+}
+
+inline float exp_(float x) { return vexp(x); }
+inline double exp_(double x) { return std::exp(x); }
+inline float erf_(float x) { return verf(x); }
+inline double erf_(double x) { return std::erf(x); }
+
+template <int ACT, class A> inline A act_fwd(A z) {
+  if constexpr (ACT == ACT_RELU) {
+    return z > A(0) ? z : A(0);
+  } else if constexpr (ACT == ACT_SILU) {
+    return z / (A(1) + exp_(-z));
+  } else if constexpr (ACT == ACT_GELU) {
+    return A(0.5) * z * (A(1) + erf_(z * A(0.70710678118654752440)));
+  } else {
+    return z;
+  }
+}
+
+// d act(z) / dz
+template <int ACT, class A> inline A act_grad(A z) {
+  if constexpr (ACT == ACT_RELU) {
+    return z > A(0) ? A(1) : A(0);
+  } else if constexpr (ACT == ACT_SILU) {
+    const A s = A(1) / (A(1) + exp_(-z));
+    return s * (A(1) + z * (A(1) - s));
+  } else if constexpr (ACT == ACT_GELU) {
+    const A cdf = A(0.5) * (A(1) + erf_(z * A(0.70710678118654752440)));
+    return cdf + z * A(0.39894228040143267794) * exp_(A(-0.5) * z * z);
+  } else {
+    return A(1);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Statistics.
+
+struct Moments {
+  double count = 0, mean = 0, m2 = 0;
+  void merge(double n, double m, double q) {  // Chan et al.'s pairwise update
+    if (n <= 0) return;
+    const double tot = count + n, delta = m - mean;
+    mean += delta * (n / tot);
+    m2 += q + delta * delta * (count * n / tot);
+    count = tot;
+  }
+};
+
+// Reductions keep kLanes independent partial sums: one accumulator would serialize every add on
+// its latency (4 cycles), which is slower than the memory stream the sums ride on.
+constexpr int kLanes = 32;
+
+template <class A, class F> inline A reduce_sum(i64 n, F f) {
+  A acc[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
+  }
+  A tail = 0;
+  for (; i < n; ++i) tail += f(i);
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  }
+  return acc[0] + tail;
+}
+
+// Two sums at once: f(i, a, b) adds its terms to a and b.
+template <class A, class F> inline void reduce_sum2(i64 n, A& out_a, A& out_b, F f) {
+  A a[kLanes] = {}, b[kLanes] = {};
+  i64 i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) f(i + j, a[j], b[j]);
+  }
+  A ta = 0, tb = 0;
+  for (; i < n; ++i) f(i, ta, tb);
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int j = 0; j < w; ++j) {
+      a[j] += a[j + w];
+      b[j] += b[j + w];
+    }
+  }
+  out_a = a[0] + ta;
+  out_b = b[0] + tb;
+}
+
+// Mean and M2 of one cached block in one sweep of shifted sums: with d = x - x0,
+// M2 = sum d^2 - (sum d)^2 / n. The cancellation costs about eps * (x0 - mean)^2 / var relative,
+// so the shift is the mean of the first few elements (an outlier there is diluted), which keeps
+// 1e4 + 0.01 * noise exact to float rounding. A second sweep (two-pass) measured 15% slower on
+// 4096 x 1024 rows.
+template <class T> inline void block_moments(const T* p, i64 n, double& mean, double& m2) {
+  using A = acc_t<T>;
+  A x0 = 0;
+  const i64 n0 = std::min<i64>(n, 8);
+  for (i64 i = 0; i < n0; ++i) x0 += to_acc(p[i]);
+  x0 /= static_cast<A>(n0);
+  A s, q;
+  reduce_sum2<A>(n, s, q, [&](i64 i, A& sa, A& qa) {
+    const A d = to_acc(p[i]) - x0;
+    sa += d;
+    qa += d * d;
+  });
+  const double sd = static_cast<double>(s) / static_cast<double>(n);
+  mean = static_cast<double>(x0) + sd;
+  m2 = std::max(0.0, static_cast<double>(q) - static_cast<double>(s) * sd);
+}
+
+// Sum of squares: float partial sums over short runs (32 lanes x 8 terms), added in double. RMS
+// norm has no centering to absorb rounding, so this keeps the error at a few float ulps.
+template <class T> inline double block_sumsq(const T* p, i64 n) {
+  using A = acc_t<T>;
+  double q = 0;
+  for (i64 i0 = 0; i0 < n; i0 += 256) {
+    const T* b = p + i0;
+    q += static_cast<double>(reduce_sum<A>(std::min<i64>(256, n - i0), [&](i64 i) {
+      const A v = to_acc(b[i]);
+      return v * v;
+    }));
+  }
+  return q;
+}
+
+// Mean and M2 (sum of squared deviations) of a contiguous run; RMS norm (center = 0) returns
+// mean 0 and the sum of squares.
+template <class T> inline void run_moments(const T* p, i64 L, int center, double& mean, double& m2) {
+  if (!center) {
+    double ss = 0;
+    for (i64 i0 = 0; i0 < L; i0 += kBlock) ss += block_sumsq(p + i0, std::min(kBlock, L - i0));
+    mean = 0;
+    m2 = ss;
+    return;
+  }
+  if (L <= kBlock) {
+    block_moments(p, L, mean, m2);
+    return;
+  }
+  Moments acc;
+  for (i64 i0 = 0; i0 < L; i0 += kBlock) {
+    const i64 n = std::min(kBlock, L - i0);
+    double bm, bq;
+    block_moments(p + i0, n, bm, bq);
+    acc.merge(static_cast<double>(n), bm, bq);
+  }
+  mean = acc.mean;
+  m2 = acc.m2;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row family.
+
+// y = act(((x - mean) * rstd) * w + b) over one row; the mean is subtracted as a float pair.
+template <class T, int ACT>
+inline void normalize_row(const T* src, T* y, i64 K, i64 S, i64 cbase, double mean,
+                          acc_t<T> rs, const acc_t<T>* w, const acc_t<T>* b) {
+  using A = acc_t<T>;
+  const A mh = static_cast<A>(mean), ml = static_cast<A>(mean - static_cast<double>(mh));
+  if (S == 1) {
+    const A* wc = w + cbase;
+    const A* bc = b + cbase;
+#pragma omp simd
+    for (i64 k = 0; k < K; ++k) {
+      const A v = ((to_acc(src[k]) - mh) - ml) * rs * wc[k] + bc[k];
+      y[k] = from_acc<T>(act_fwd<ACT>(v));
+    }
+    return;
+  }
+  for (i64 k = 0; k < K; ++k) {
+    // (x - hi - lo) * a + b == (x - hi) * a + (b - lo * a): the low part folds into the shift.
+    const A a = rs * w[cbase + k], bb = b[cbase + k] - ml * a;
+    const T* s = src + k * S;
+    T* o = y + k * S;
+#pragma omp simd
+    for (i64 i = 0; i < S; ++i) {
+      const A v = (to_acc(s[i]) - mh) * a + bb;
+      o[i] = from_acc<T>(act_fwd<ACT>(v));
+    }
+  }
+}
+
+inline i64 grain_rows(i64 L) { return std::max<i64>(1, kWork / std::max<i64>(L, 1)); }
+
+template <class T, int ACT>
+void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S, i64 Gp,
+                 const acc_t<T>* w, const acc_t<T>* b, double eps, int center, acc_t<T>* mean_o,
+                 acc_t<T>* var_o, acc_t<T>* rstd_o) {
+  using A = acc_t<T>;
+  const i64 L = K * S;
+  at::parallel_for(0, R, grain_rows(L), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const T* src = x + r * L;
+      if (res != nullptr) {  // residual add: the sum is an output and the normalized input
+        T* so = sum_out + r * L;
+        const T* rp = res + r * L;
+#pragma omp simd
+        for (i64 i = 0; i < L; ++i) so[i] = from_acc<T>(to_acc(src[i]) + to_acc(rp[i]));
+        src = so;
+      }
+      if (r + 1 < r1 && L <= kBlock) {
+        // Rows are often exactly one page, where the hardware prefetcher stops: fetch the next
+        // row while this one is reduced and normalized from cache.
+        const T* next = x + (r + 1) * L;
+        for (i64 i = 0; i < L; i += 64 / static_cast<i64>(sizeof(T))) __builtin_prefetch(next + i);
+      }
+      double m, q;
+      run_moments(src, L, center, m, q);
+      const double var = q / static_cast<double>(L);
+      const A rs = static_cast<A>(1.0 / std::sqrt(var + eps));
+      mean_o[r] = static_cast<A>(m);
+      var_o[r] = static_cast<A>(var);
+      rstd_o[r] = rs;
+      normalize_row<T, ACT>(src, y + r * L, K, S, (r % Gp) * K, m, rs, w, b);
+    }
+  });
+}
+
+// Normalize with given statistics, indexed per row (smod = 0) or per r % smod.
+template <class T, int ACT>
+void row_normalize(const T* x, T* y, i64 R, i64 K, i64 S, i64 Gp, i64 smod, const acc_t<T>* w,
+                   const acc_t<T>* b, const acc_t<T>* mean, const acc_t<T>* rstd) {
+  const i64 L = K * S;
+  at::parallel_for(0, R, grain_rows(L), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const i64 si = smod ? r % smod : r;
+      normalize_row<T, ACT>(x + r * L, y + r * L, K, S, (r % Gp) * K, mean[si], rstd[si], w, b);
+    }
+  });
+}
+
+// Backward of the row family. gw_part/gb_part: for S == 1 and Gp == 1 (layer/RMS norm),
+// [nchunk][K] per chunk of rows; otherwise [R][K] per row and channel. The caller sums them.
+template <class T, int ACT>
+void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K, i64 S, i64 Gp,
+                  i64 smod, const acc_t<T>* w, const acc_t<T>* b, const acc_t<T>* mean,
+                  const acc_t<T>* rstd, int center, int batch_stats, acc_t<T>* gw_part,
+                  acc_t<T>* gb_part, i64 nchunk) {
+  using A = acc_t<T>;
+  const i64 L = K * S;
+  const A inv_L = A(1) / static_cast<A>(L);
+  // dbuf (fused activation, S > 1): d = dy * act'(z) kept from the first sweep for the second,
+  // so the activation's derivative is evaluated once per element.
+  auto one_row = [&](i64 r, A* gw, A* gb, bool accumulate, A* dbuf) {
+    const i64 si = smod ? r % smod : r;
+    const A m = center ? mean[si] : A(0), rs = rstd[si];
+    const i64 cbase = (r % Gp) * K;
+    const T* xr = x + r * L;
+    const T* dyr = dy + r * L;
+    A sg = 0, sgx = 0;
+    if (S == 1) {
+      const A* wc = w + cbase;
+      const A* bc = b + cbase;
+      reduce_sum2<A>(K, sg, sgx, [&](i64 k, A& ga, A& gxa) {
+        const A xh = (to_acc(xr[k]) - m) * rs;
+        A d = to_acc(dyr[k]);
+        if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc[k] + bc[k]);
+        gw[k] += d * xh;
+        gb[k] += d;
+        const A g = d * wc[k];
+        ga += g;
+        gxa += g * xh;
+      });
+    } else {
+      for (i64 k = 0; k < K; ++k) {
+        const A wk = w[cbase + k], bk = b[cbase + k];
+        const T* xs = xr + k * S;
+        const T* ds = dyr + k * S;
+        A* dk = ACT != ACT_NONE ? dbuf + k * S : nullptr;
+        A sd, sdx;
+        reduce_sum2<A>(S, sd, sdx, [&](i64 i, A& da, A& dxa) {
+          const A xh = (to_acc(xs[i]) - m) * rs;
+          A d = to_acc(ds[i]);
+          if constexpr (ACT != ACT_NONE) {
+            d *= act_grad<ACT>(xh * wk + bk);
+            dk[i] = d;
+          }
+          da += d;
+          dxa += d * xh;
+        });
+        if (accumulate) {
+          gw[k] += sdx;
+          gb[k] += sd;
+        } else {
+          gw[k] = sdx;
+          gb[k] = sd;
+        }
+        sg += wk * sd;
+        sgx += wk * sdx;
+      }
+    }
+    if (dx == nullptr) return;
+    const A c1 = (batch_stats && center) ? sg * inv_L : A(0);
+    const A c2 = batch_stats ? sgx * inv_L : A(0);
+    T* dxr = dx + r * L;
+    const T* der = dextra ? dextra + r * L : nullptr;
+    // The optional extra gradient is a compile-time case: a test inside the vector loop turns
+    // every operation into a masked one (measured 2.5x slower).
+    auto sweep = [&](auto has_e) {
+      if (S == 1) {
+        const A* wc = w + cbase;
+        const A* bc = b + cbase;
+#pragma omp simd
+        for (i64 k = 0; k < K; ++k) {
+          const A xh = (to_acc(xr[k]) - m) * rs;
+          A d = to_acc(dyr[k]);
+          if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc[k] + bc[k]);
+          A v = rs * (d * wc[k] - c1 - xh * c2);
+          if constexpr (decltype(has_e)::value) v += to_acc(der[k]);
+          dxr[k] = from_acc<T>(v);
+        }
+        return;
+      }
+      for (i64 k = 0; k < K; ++k) {
+        const A wk = w[cbase + k];
+        const T* xs = xr + k * S;
+        const T* ds = dyr + k * S;
+        const T* es = decltype(has_e)::value ? der + k * S : nullptr;
+        const A* dk = ACT != ACT_NONE ? dbuf + k * S : nullptr;
+        T* o = dxr + k * S;
+#pragma omp simd
+        for (i64 i = 0; i < S; ++i) {
+          const A xh = (to_acc(xs[i]) - m) * rs;
+          A d;
+          if constexpr (ACT != ACT_NONE) {
+            d = dk[i];
+          } else {
+            d = to_acc(ds[i]);
+          }
+          A v = rs * (d * wk - c1 - xh * c2);
+          if constexpr (decltype(has_e)::value) v += to_acc(es[i]);
+          o[i] = from_acc<T>(v);
+        }
+      }
+    };
+    if (der != nullptr) {
+      sweep(std::true_type{});
+    } else {
+      sweep(std::false_type{});
+    }
+  };
+  // Layer/RMS norm: two rows at a time, so the per-element weight/bias gradient accumulators are
+  // read and written once per pair (measured 2x faster than row by row on 4096 x 1024).
+  auto two_rows = [&](i64 r, A* gw, A* gb) {
+    const T* xr[2] = {x + r * L, x + (r + 1) * L};
+    const T* dyr[2] = {dy + r * L, dy + (r + 1) * L};
+    A m[2], rs[2], c1[2], c2[2];
+    const i64 cbase = (r % Gp) * K;  // Gp == 1 for layer/RMS norm: both rows share it
+    const A* wc = w + cbase;
+    const A* bc = b + cbase;
+    for (int h = 0; h < 2; ++h) {
+      const i64 si = smod ? (r + h) % smod : r + h;
+      m[h] = center ? mean[si] : A(0);
+      rs[h] = rstd[si];
+      const T* xh_ = xr[h];
+      const T* dh = dyr[h];
+      const A mh = m[h], rh = rs[h];
+      A sg, sgx;
+      reduce_sum2<A>(K, sg, sgx, [&](i64 k, A& ga, A& gxa) {
+        const A xh = (to_acc(xh_[k]) - mh) * rh;
+        A d = to_acc(dh[k]);
+        if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc[k] + bc[k]);
+        const A g = d * wc[k];
+        ga += g;
+        gxa += g * xh;
+      });
+      c1[h] = (batch_stats && center) ? sg * inv_L : A(0);
+      c2[h] = batch_stats ? sgx * inv_L : A(0);
+    }
+    // Branch-free inner loops: the dx / extra-gradient cases are separate instantiations, and the
+    // row constants are plain scalars (small arrays indexed in the loop spilled to the stack).
+    const A m0 = m[0], m1 = m[1], r0 = rs[0], r1 = rs[1];
+    const A a0 = c1[0], a1 = c1[1], b0 = c2[0], b1 = c2[1];
+    const T* x0 = xr[0];
+    const T* x1 = xr[1];
+    const T* y0 = dyr[0];
+    const T* y1 = dyr[1];
+    auto sweep = [&](auto has_dx, auto has_e) {
+      T* dx0 = has_dx ? dx + r * L : nullptr;
+      T* dx1 = has_dx ? dx + (r + 1) * L : nullptr;
+      const T* e0 = has_e ? dextra + r * L : nullptr;
+      const T* e1 = has_e ? dextra + (r + 1) * L : nullptr;
+#pragma omp simd
+      for (i64 k = 0; k < K; ++k) {
+        const A xh0 = (to_acc(x0[k]) - m0) * r0;
+        const A xh1 = (to_acc(x1[k]) - m1) * r1;
+        A d0 = to_acc(y0[k]), d1 = to_acc(y1[k]);
+        if constexpr (ACT != ACT_NONE) {
+          d0 *= act_grad<ACT>(xh0 * wc[k] + bc[k]);
+          d1 *= act_grad<ACT>(xh1 * wc[k] + bc[k]);
+        }
+        gw[k] += d0 * xh0 + d1 * xh1;
+        gb[k] += d0 + d1;
+        if constexpr (decltype(has_dx)::value) {
+          A v0 = r0 * (d0 * wc[k] - a0 - xh0 * b0);
+          A v1 = r1 * (d1 * wc[k] - a1 - xh1 * b1);
+          if constexpr (decltype(has_e)::value) {
+            v0 += to_acc(e0[k]);
+            v1 += to_acc(e1[k]);
+          }
+          dx0[k] = from_acc<T>(v0);
+          dx1[k] = from_acc<T>(v1);
+        }
+      }
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (dx == nullptr) {
+      sweep(no{}, no{});
+    } else if (dextra == nullptr) {
+      sweep(yes{}, no{});
+    } else {
+      sweep(yes{}, yes{});
+    }
+  };
+  if (S == 1 && Gp == 1) {
+    const i64 rows_per = (R + nchunk - 1) / nchunk;
+    at::parallel_for(0, nchunk, 1, [&](i64 c0, i64 c1) {
+      for (i64 ch = c0; ch < c1; ++ch) {
+        A* gw = gw_part + ch * K;
+        A* gb = gb_part + ch * K;
+        std::fill(gw, gw + K, A(0));
+        std::fill(gb, gb + K, A(0));
+        const i64 r_end = std::min(R, (ch + 1) * rows_per);
+        i64 r = ch * rows_per;
+        for (; r + 1 < r_end; r += 2) two_rows(r, gw, gb);
+        if (r < r_end) one_row(r, gw, gb, true, nullptr);
+      }
+    });
+  } else {
+    at::parallel_for(0, R, grain_rows(L), [&](i64 r0, i64 r1) {
+      std::vector<A> dbuf(ACT != ACT_NONE ? L : 0);
+      for (i64 r = r0; r < r1; ++r) {
+        if (S == 1) {  // the S == 1 sweep accumulates into its partials
+          std::fill(gw_part + r * K, gw_part + (r + 1) * K, A(0));
+          std::fill(gb_part + r * K, gb_part + (r + 1) * K, A(0));
+        }
+        one_row(r, gw_part + r * K, gb_part + r * K, false, dbuf.data());
+      }
+    });
+  }
+}
+
+// Batch norm on an [N][C][S] input: per-row moments, merged per channel across the batch, then
+// one normalize sweep.
+template <class T, int ACT>
+void bn_rows_forward(const T* x, T* y, i64 N, i64 C, i64 S, const acc_t<T>* w, const acc_t<T>* b,
+                     double eps, acc_t<T>* mean_o, acc_t<T>* var_o, acc_t<T>* rstd_o) {
+  using A = acc_t<T>;
+  const i64 R = N * C;
+  std::vector<double> rm(R), rq(R), cm(C);
+  at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) run_moments(x + r * S, S, 1, rm[r], rq[r]);
+  });
+  std::vector<A> rs_c(C);
+  for (i64 c = 0; c < C; ++c) {
+    double m = 0;  // equal counts: the mean of row means, then Chan's M2
+    for (i64 n = 0; n < N; ++n) m += rm[n * C + c];
+    m /= static_cast<double>(N);
+    double q = 0;
+    for (i64 n = 0; n < N; ++n) {
+      const double d = rm[n * C + c] - m;
+      q += rq[n * C + c] + static_cast<double>(S) * d * d;
+    }
+    const double var = q / static_cast<double>(N * S);
+    cm[c] = m;
+    rs_c[c] = static_cast<A>(1.0 / std::sqrt(var + eps));
+    mean_o[c] = static_cast<A>(m);
+    var_o[c] = static_cast<A>(var);
+    rstd_o[c] = rs_c[c];
+  }
+  at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const i64 c = r % C;
+      normalize_row<T, ACT>(x + r * S, y + r * S, 1, S, c, cm[c], rs_c[c], w, b);
+    }
+  });
+}
+
+template <class T, int ACT>
+void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const acc_t<T>* w,
+                      const acc_t<T>* b, const acc_t<T>* mean, const acc_t<T>* rstd,
+                      acc_t<T>* gw, acc_t<T>* gb) {
+  using A = acc_t<T>;
+  const i64 R = N * C;
+  std::vector<double> sd(R), sdx(R);
+  at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const i64 c = r % C;
+      const A m = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
+      const T* xr = x + r * S;
+      const T* dr = dy + r * S;
+      A s0, s1;
+      reduce_sum2<A>(S, s0, s1, [&](i64 i, A& da, A& dxa) {
+        const A xh = (to_acc(xr[i]) - m) * rs;
+        A d = to_acc(dr[i]);
+        if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc + bc);
+        da += d;
+        dxa += d * xh;
+      });
+      sd[r] = s0;
+      sdx[r] = s1;
+    }
+  });
+  std::vector<A> c1(C), c2(C);
+  const double M = static_cast<double>(N * S);
+  for (i64 c = 0; c < C; ++c) {
+    double t0 = 0, t1 = 0;
+    for (i64 n = 0; n < N; ++n) {
+      t0 += sd[n * C + c];
+      t1 += sdx[n * C + c];
+    }
+    gb[c] = static_cast<A>(t0);
+    gw[c] = static_cast<A>(t1);
+    c1[c] = static_cast<A>(t0 / M);
+    c2[c] = static_cast<A>(t1 / M);
+  }
+  if (dx == nullptr) return;
+  at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
+    for (i64 r = r0; r < r1; ++r) {
+      const i64 c = r % C;
+      const A m = mean[c], rs = rstd[c], wc = w[c], bc = b[c], k1 = c1[c], k2 = c2[c];
+      const A a = rs * wc;
+      const T* xr = x + r * S;
+      const T* dr = dy + r * S;
+      T* o = dx + r * S;
+#pragma omp simd
+      for (i64 i = 0; i < S; ++i) {
+        const A xh = (to_acc(xr[i]) - m) * rs;
+        A d = to_acc(dr[i]);
+        if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc + bc);
+        o[i] = from_acc<T>(a * (d - k1 - xh * k2));
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Column family: x is [O][P][C].
+//
+// Work is split into tasks of (o, chunk of PB rows); per-chunk partial statistics merge in a
+// fixed order afterwards, so results do not depend on the thread count.
+
+inline i64 chunk_rows(i64 C) {
+  return std::max<i64>(8, std::min<i64>(512, kWork / std::max<i64>(C, 1)));
+}
+
+template <class T, int ACT>
+void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w,
+                 const acc_t<T>* b, double eps, int stats_given, acc_t<T>* mean_o,
+                 acc_t<T>* var_o, acc_t<T>* rstd_o) {
+  using A = acc_t<T>;
+  const i64 K = C / G;
+  std::vector<double> gm(O * G);
+  if (!stats_given) {
+    const i64 PB = chunk_rows(C), nb = (P + PB - 1) / PB;
+    std::vector<double> pm(O * nb * C), pq(O * nb * C);
+    at::parallel_for(0, O * nb, 1, [&](i64 t0, i64 t1) {
+      std::vector<A> sh(C), s1(C), s2(C);
+      for (i64 t = t0; t < t1; ++t) {
+        const i64 o = t / nb, j = t % nb, p0 = j * PB, n = std::min(PB, P - p0);
+        const T* base = x + (o * P + p0) * C;
+        A* s1p = s1.data();
+        A* s2p = s2.data();
+        A* shp = sh.data();
+        for (i64 c = 0; c < C; ++c) {
+          shp[c] = to_acc(base[c]);
+          s1p[c] = 0;
+          s2p[c] = 0;
+        }
+        // Rows outer, channels inner: the channel loop is the vector loop; its accumulators
+        // stay in L1.
+        for (i64 p = 0; p < n; ++p) {
+          const T* row = base + p * C;
+#pragma omp simd
+          for (i64 c = 0; c < C; ++c) {
+            const A d = to_acc(row[c]) - shp[c];
+            s1p[c] += d;
+            s2p[c] += d * d;
+          }
+        }
+        for (i64 c = 0; c < C; ++c) {
+          const double mm = static_cast<double>(s1p[c]) / static_cast<double>(n);
+          pm[t * C + c] = static_cast<double>(shp[c]) + mm;
+          pq[t * C + c] =
+              std::max(0.0, static_cast<double>(s2p[c]) - static_cast<double>(s1p[c]) * mm);
+        }
+      }
+    });
+    at::parallel_for(0, O * G, 1, [&](i64 g0, i64 g1) {
+      for (i64 og = g0; og < g1; ++og) {
+        const i64 o = og / G, g = og % G;
+        Moments acc;
+        for (i64 j = 0; j < nb; ++j) {
+          const double n = static_cast<double>(std::min(PB, P - j * PB));
+          for (i64 k = 0; k < K; ++k) {
+            const i64 idx = (o * nb + j) * C + g * K + k;
+            acc.merge(n, pm[idx], pq[idx]);
+          }
+        }
+        const double var = acc.m2 / static_cast<double>(P * K);
+        gm[og] = acc.mean;
+        mean_o[og] = static_cast<A>(acc.mean);
+        var_o[og] = static_cast<A>(var);
+        rstd_o[og] = static_cast<A>(1.0 / std::sqrt(var + eps));
+      }
+    });
+  } else {
+    for (i64 og = 0; og < O * G; ++og) gm[og] = static_cast<double>(mean_o[og]);
+  }
+  // Per (o, c) coefficients, so the normalize sweep is one vector loop over channels.
+  // y = (x - mean_hi) * a + (b - mean_lo * a): the low part of the mean folds into the shift.
+  std::vector<A> mh(O * C), a(O * C), sh(O * C);
+  for (i64 o = 0; o < O; ++o) {
+    for (i64 c = 0; c < C; ++c) {
+      const i64 og = o * G + c / K;
+      const A hi = static_cast<A>(gm[og]);
+      const A lo = static_cast<A>(gm[og] - static_cast<double>(hi));
+      mh[o * C + c] = hi;
+      a[o * C + c] = rstd_o[og] * w[c];
+      sh[o * C + c] = b[c] - lo * a[o * C + c];
+    }
+  }
+  at::parallel_for(0, O * P, std::max<i64>(1, kWork / C), [&](i64 r0, i64 r1) {
+    i64 o = r0 / P, p = r0 - o * P;
+    for (i64 r = r0; r < r1; ++r) {
+      const A* mhp = mh.data() + o * C;
+      const A* ap = a.data() + o * C;
+      const A* shp = sh.data() + o * C;
+      const T* xr = x + r * C;
+      T* yr = y + r * C;
+#pragma omp simd
+      for (i64 c = 0; c < C; ++c) {
+        const A v = (to_acc(xr[c]) - mhp[c]) * ap[c] + shp[c];
+        yr[c] = from_acc<T>(act_fwd<ACT>(v));
+      }
+      if (++p == P) {
+        p = 0;
+        ++o;
+      }
+    }
+  });
+}
+
+// dy is addressed with its own strides (o, p, c) in elements: when they are not x's, each task
+// first gathers its tile of dy into x's order (group norm's grad_out arrives NCHW-contiguous for a
+// channels_last input).
+template <class T, int ACT>
+void col_backward(const T* dy, i64 sdo, i64 sdp, i64 sdc, const T* x, T* dx, i64 O, i64 P, i64 C,
+                  i64 G, const acc_t<T>* w, const acc_t<T>* b, const acc_t<T>* mean,
+                  const acc_t<T>* rstd, int batch_stats, acc_t<T>* gw, acc_t<T>* gb) {
+  using A = acc_t<T>;
+  const i64 K = C / G;
+  const bool direct = sdc == 1 && sdp == C && sdo == P * C;
+  // Per (o, c) copies of the group statistics and the forward's scale.
+  std::vector<A> mc(O * C), rc(O * C), a(O * C);
+  for (i64 o = 0; o < O; ++o) {
+    for (i64 c = 0; c < C; ++c) {
+      const i64 og = o * G + c / K;
+      mc[o * C + c] = mean[og];
+      rc[o * C + c] = rstd[og];
+      a[o * C + c] = rstd[og] * w[c];
+    }
+  }
+  const i64 PB = chunk_rows(C), nb = (P + PB - 1) / PB;
+  // The tile of dy for task t, in x's row order: a pointer into dy or into `buf`.
+  auto tile = [&](i64 t, std::vector<T>& buf) -> const T* {
+    const i64 o = t / nb, p0 = (t % nb) * PB, n = std::min(PB, P - p0);
+    if (direct) return dy + (o * P + p0) * C;
+    buf.resize(PB * C);
+    // Transpose in blocks of 16 rows so the rows being written stay in L1 across channels.
+    for (i64 q0 = 0; q0 < n; q0 += 16) {
+      const i64 q1 = std::min(n, q0 + 16);
+      for (i64 c = 0; c < C; ++c) {
+        const T* src = dy + o * sdo + p0 * sdp + c * sdc;
+        for (i64 p = q0; p < q1; ++p) buf[p * C + c] = src[p * sdp];
+      }
+    }
+    return buf.data();
+  };
+  std::vector<double> pd(O * nb * C), pdx(O * nb * C);
+  at::parallel_for(0, O * nb, 1, [&](i64 t0, i64 t1) {
+    std::vector<T> buf;
+    std::vector<A> s0(C), s1(C);
+    for (i64 t = t0; t < t1; ++t) {
+      const i64 o = t / nb, p0 = (t % nb) * PB, n = std::min(PB, P - p0);
+      const T* xb = x + (o * P + p0) * C;
+      const T* db = tile(t, buf);
+      const A* mp = mc.data() + o * C;
+      const A* rp = rc.data() + o * C;
+      A* s0p = s0.data();
+      A* s1p = s1.data();
+      std::fill(s0.begin(), s0.end(), A(0));
+      std::fill(s1.begin(), s1.end(), A(0));
+      for (i64 p = 0; p < n; ++p) {
+        const T* xr = xb + p * C;
+        const T* dr = db + p * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) {
+          const A xh = (to_acc(xr[c]) - mp[c]) * rp[c];
+          A d = to_acc(dr[c]);
+          if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * w[c] + b[c]);
+          s0p[c] += d;
+          s1p[c] += d * xh;
+        }
+      }
+      for (i64 c = 0; c < C; ++c) {
+        pd[t * C + c] = s0p[c];
+        pdx[t * C + c] = s1p[c];
+      }
+    }
+  });
+  std::vector<double> sd(O * C, 0.0), sdx(O * C, 0.0);
+  for (i64 o = 0; o < O; ++o) {
+    for (i64 j = 0; j < nb; ++j) {
+      for (i64 c = 0; c < C; ++c) {
+        sd[o * C + c] += pd[(o * nb + j) * C + c];
+        sdx[o * C + c] += pdx[(o * nb + j) * C + c];
+      }
+    }
+  }
+  for (i64 c = 0; c < C; ++c) {
+    double t0 = 0, t1 = 0;
+    for (i64 o = 0; o < O; ++o) {
+      t0 += sd[o * C + c];
+      t1 += sdx[o * C + c];
+    }
+    gb[c] = static_cast<A>(t0);
+    gw[c] = static_cast<A>(t1);
+  }
+  if (dx == nullptr) return;
+  // dx = rstd * (w d - mean_g(w d) - x_hat * mean_g(w d x_hat)) = a d + c0 + c2 x_hat
+  std::vector<A> c0(O * C, A(0)), c2(O * C, A(0));
+  if (batch_stats) {
+    const double M = static_cast<double>(P * K);
+    for (i64 o = 0; o < O; ++o) {
+      for (i64 g = 0; g < G; ++g) {
+        double tg = 0, tgx = 0;
+        for (i64 k = 0; k < K; ++k) {
+          const i64 c = g * K + k;
+          tg += static_cast<double>(w[c]) * sd[o * C + c];
+          tgx += static_cast<double>(w[c]) * sdx[o * C + c];
+        }
+        const double rs = rstd[o * G + g];
+        for (i64 k = 0; k < K; ++k) {
+          c0[o * C + g * K + k] = static_cast<A>(-rs * tg / M);
+          c2[o * C + g * K + k] = static_cast<A>(-rs * tgx / M);
+        }
+      }
+    }
+  }
+  at::parallel_for(0, O * nb, 1, [&](i64 t0, i64 t1) {
+    std::vector<T> buf;
+    for (i64 t = t0; t < t1; ++t) {
+      const i64 o = t / nb, p0 = (t % nb) * PB, n = std::min(PB, P - p0);
+      const T* db = tile(t, buf);
+      const A* mp = mc.data() + o * C;
+      const A* rp = rc.data() + o * C;
+      const A* ap = a.data() + o * C;
+      const A* c0p = c0.data() + o * C;
+      const A* c2p = c2.data() + o * C;
+      for (i64 p = 0; p < n; ++p) {
+        const T* xr = x + (o * P + p0 + p) * C;
+        const T* dr = db + p * C;
+        T* o_ = dx + (o * P + p0 + p) * C;
+#pragma omp simd
+        for (i64 c = 0; c < C; ++c) {
+          const A xh = (to_acc(xr[c]) - mp[c]) * rp[c];
+          A d = to_acc(dr[c]);
+          if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * w[c] + b[c]);
+          o_[c] = from_acc<T>(ap[c] * d + c0p[c] + c2p[c] * xh);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// C entry points (called through ctypes). dtype must equal this build's NL_DTYPE; parameter and
+// statistics pointers are float (double for float64 inputs); act: see ACT_*. Return 0 on success.
+
+// Each build of this file holds one storage type (NL_DTYPE: 0 float32, 1 float64, 2 bfloat16,
+// 3 float16) and either the plain kernels or the fused-activation ones (NL_ACT = 1): the Python
+// loader compiles only the variants a program uses, which keeps every compile to seconds.
+#ifndef NL_DTYPE
+#define NL_DTYPE 0
+#endif
+#if NL_DTYPE == 0
+using T = float;
+#elif NL_DTYPE == 1
+using T = double;
+#elif NL_DTYPE == 2
+using T = bf16_t;
+#else
+using T = fp16_t;
+#endif
+
+#if defined(NL_ACT) && NL_ACT
+#define NL_DISPATCH(dtype, act, CALL)                                     \
+  if (dtype != NL_DTYPE) return 1;                                        \
+  switch (act) {                                                          \
+    case ACT_RELU: { constexpr int ACT = ACT_RELU; CALL; } break;         \
+    case ACT_SILU: { constexpr int ACT = ACT_SILU; CALL; } break;         \
+    case ACT_GELU: { constexpr int ACT = ACT_GELU; CALL; } break;         \
+    default: return 2;                                                    \
+  }                                                                       \
+  return 0;
+#else
+#define NL_DISPATCH(dtype, act, CALL)                                     \
+  if (dtype != NL_DTYPE) return 1;                                        \
+  if (act != ACT_NONE) return 2;                                          \
+  { constexpr int ACT = ACT_NONE; CALL; }                                 \
+  return 0;
+#endif
+
+#define P_(ptr) static_cast<const T*>(ptr)
+#define M_(ptr) static_cast<T*>(ptr)
+#define PA_(ptr) static_cast<const acc_t<T>*>(ptr)
+#define MA_(ptr) static_cast<acc_t<T>*>(ptr)
+
+extern "C" {
+
+int nl_abi_version() { return 2; }
+int nl_dtype() { return NL_DTYPE; }
+
+int nl_row_forward(int dtype, int act, const void* x, const void* res, void* sum_out, void* y,
+                   i64 R, i64 K, i64 S, i64 Gp, const void* w, const void* b, double eps,
+                   int center, void* mean, void* var, void* rstd) {
+  NL_DISPATCH(dtype, act,
+              (row_forward<T, ACT>(P_(x), P_(res), M_(sum_out), M_(y), R, K, S, Gp, PA_(w),
+                                   PA_(b), eps, center, MA_(mean), MA_(var), MA_(rstd))))
+}
+
+int nl_row_normalize(int dtype, int act, const void* x, void* y, i64 R, i64 K, i64 S, i64 Gp,
+                     i64 smod, const void* w, const void* b, const void* mean, const void* rstd) {
+  NL_DISPATCH(dtype, act,
+              (row_normalize<T, ACT>(P_(x), M_(y), R, K, S, Gp, smod, PA_(w), PA_(b), PA_(mean),
+                                     PA_(rstd))))
+}
+
+int nl_row_backward(int dtype, int act, const void* dy, const void* x, const void* dextra,
+                    void* dx, i64 R, i64 K, i64 S, i64 Gp, i64 smod, const void* w, const void* b,
+                    const void* mean, const void* rstd, int center, int batch_stats,
+                    void* gw_part, void* gb_part, i64 nchunk) {
+  NL_DISPATCH(dtype, act,
+              (row_backward<T, ACT>(P_(dy), P_(x), P_(dextra), M_(dx), R, K, S, Gp, smod, PA_(w),
+                                    PA_(b), PA_(mean), PA_(rstd), center, batch_stats,
+                                    MA_(gw_part), MA_(gb_part), nchunk)))
+}
+
+int nl_bn_rows_forward(int dtype, int act, const void* x, void* y, i64 N, i64 C, i64 S,
+                       const void* w, const void* b, double eps, void* mean, void* var,
+                       void* rstd) {
+  NL_DISPATCH(dtype, act,
+              (bn_rows_forward<T, ACT>(P_(x), M_(y), N, C, S, PA_(w), PA_(b), eps, MA_(mean),
+                                       MA_(var), MA_(rstd))))
+}
+
+int nl_bn_rows_backward(int dtype, int act, const void* dy, const void* x, void* dx, i64 N, i64 C,
+                        i64 S, const void* w, const void* b, const void* mean, const void* rstd,
+                        void* gw, void* gb) {
+  NL_DISPATCH(dtype, act,
+              (bn_rows_backward<T, ACT>(P_(dy), P_(x), M_(dx), N, C, S, PA_(w), PA_(b),
+                                        PA_(mean), PA_(rstd), MA_(gw), MA_(gb))))
+}
+
+int nl_col_forward(int dtype, int act, const void* x, void* y, i64 O, i64 P, i64 C, i64 G,
+                   const void* w, const void* b, double eps, int stats_given, void* mean,
+                   void* var, void* rstd) {
+  NL_DISPATCH(dtype, act,
+              (col_forward<T, ACT>(P_(x), M_(y), O, P, C, G, PA_(w), PA_(b), eps, stats_given,
+                                   MA_(mean), MA_(var), MA_(rstd))))
+}
+
+int nl_col_backward(int dtype, int act, const void* dy, i64 sdo, i64 sdp, i64 sdc, const void* x,
+                    void* dx, i64 O, i64 P, i64 C, i64 G, const void* w, const void* b,
+                    const void* mean, const void* rstd, int batch_stats, void* gw, void* gb) {
+  NL_DISPATCH(dtype, act,
+              (col_backward<T, ACT>(P_(dy), sdo, sdp, sdc, P_(x), M_(dx), O, P, C, G, PA_(w),
+                                    PA_(b), PA_(mean), PA_(rstd), batch_stats, MA_(gw),
+                                    MA_(gb))))
+}
+
+}  // extern "C"

@@ -1,0 +1,37 @@
+"""``normlab bench`` runs and writes valid JSON (a smoke test: timings are never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from normlab import bench
+
+
+def test_bench_quick_writes_json(tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--quick", "--ops", "layer_norm", "batch_norm_relu",
+                              "--repeats", "1", "--min-time", "0", "--json", str(out)])
+    assert bench.run(args) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["quick"] is True
+    cases = {(r["case"], r["layout"], r["pass"]) for r in data["results"]}
+    assert cases == {("layer_norm", "contiguous", "fwd"), ("layer_norm", "contiguous", "fwd+bwd"),
+                     ("batch_norm_relu", "contiguous", "fwd"),
+                     ("batch_norm_relu", "contiguous", "fwd+bwd"),
+                     ("batch_norm_relu", "channels_last", "fwd"),
+                     ("batch_norm_relu", "channels_last", "fwd+bwd")}
+    for rec in data["results"]:
+        assert {"normlab", "reference", "torch", "copy"} <= set(rec["times_ms"])
+        assert all(t > 0 for t in rec["times_ms"].values())
+        assert rec["speedup"]["vs_torch"] > 0
+    assert "layer_norm" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_op(capsys) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["--quick", "--ops", "nope"])) == 2
+    assert "unknown op(s) ['nope']" in capsys.readouterr().err

@@ -1,0 +1,339 @@
+"""The C++ CPU kernels against the plain-torch reference path (the oracle).
+
+Every public op runs twice on the same inputs, once on the kernel path and once inside
+``kernels.use_reference()``; outputs, input/weight/bias gradients and running statistics must
+agree to a per-dtype tolerance. Shapes are drawn from a seeded generator and include odd sizes and
+size-1 dims; layouts cover contiguous, channels_last and non-contiguous inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from normlab import functional as F
+from normlab import kernels
+from normlab.kernels import _build, cpu
+
+HAVE_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+pytestmark = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler to build the CPU kernels")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10},
+    torch.float32: {"atol": 5e-5, "rtol": 1e-4},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
+    torch.float16: {"atol": 3e-3, "rtol": 3e-3},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_kernels() -> None:
+    # Compile the variants these tests use concurrently (cached on disk after the first run).
+    _build.build_variants([(code, False) for code in range(4)])
+    assert _build.available(), "the C++ CPU kernels failed to build"
+
+
+@pytest.fixture
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail if the kernel path silently falls back to the reference."""
+
+    def boom() -> None:
+        raise AssertionError("the CPU kernel fell back to the reference path")
+
+    monkeypatch.setattr(cpu, "_reference", boom)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases: (op, layout) -> a shape drawn from `rng` and a call of the public op.
+
+OPS = ["layer_norm", "layer_norm_2d", "rms_norm", "group_norm", "instance_norm",
+       "instance_norm_eval", "batch_norm", "batch_norm_eval", "batch_norm_1d"]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def _dim(rng: random.Random) -> int:
+    return rng.choice([1, 2, 3, 5, 7, 16, 33])
+
+
+def _shape(op: str, rng: random.Random) -> tuple[int, ...]:
+    if op in ("layer_norm", "rms_norm"):
+        return (rng.choice([1, 3, 17]), rng.choice([1, 2, 5]), rng.choice([1, 7, 64, 257]))
+    if op == "layer_norm_2d":
+        return (rng.choice([1, 4, 9]), rng.choice([3, 8]), rng.choice([1, 5, 33]))
+    if op == "group_norm":
+        g = rng.choice([1, 2, 3])
+        spatial = rng.choice([(), (_dim(rng),), (_dim(rng), _dim(rng))])
+        return (rng.choice([1, 2, 5]), g * rng.choice([1, 2, 5]), *spatial)
+    if op == "batch_norm_1d":
+        return (rng.choice([2, 3, 17, 64]), rng.choice([1, 3, 16]))
+    n = rng.choice([2, 3, 5]) if op.startswith("batch") else rng.choice([1, 2, 3])
+    h, w = _dim(rng), _dim(rng)
+    if h * w == 1:
+        h = 2
+    return (n, rng.choice([1, 3, 8, 13]), h, w)
+
+
+def _make_input(shape: tuple[int, ...], layout: str, dtype: torch.dtype,
+                g: torch.Generator) -> torch.Tensor:
+    if layout == "channels_last" and len(shape) != 4:
+        shape = (*shape, *(3,) * (4 - len(shape)))
+    base = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5
+    if layout == "channels_last":
+        return base.to(dtype).contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other element of a wider tensor, then a transpose-free view
+        wide = torch.randn((*shape[:-1], 2 * shape[-1]), generator=g, dtype=torch.float64)
+        wide[..., ::2] = base
+        return wide.to(dtype)[..., ::2]
+    return base.to(dtype)
+
+
+def _run(op: str, x: torch.Tensor, params: dict[str, torch.Tensor | None]) -> torch.Tensor:
+    w, b, rm, rv = params["w"], params["b"], params["rm"], params["rv"]
+    if op == "layer_norm":
+        return F.layer_norm(x, x.shape[-1:], w, b)
+    if op == "layer_norm_2d":
+        return F.layer_norm(x, x.shape[-2:], w, b, eps=1e-3)
+    if op == "rms_norm":
+        return F.rms_norm(x, x.shape[-1:], w)
+    if op == "group_norm":
+        return F.group_norm(x, params["groups"], w, b)  # type: ignore[arg-type]
+    if op == "instance_norm":
+        return F.instance_norm(x, rm, rv, w, b, use_input_stats=True, momentum=0.3)
+    if op == "instance_norm_eval":
+        return F.instance_norm(x, rm, rv, w, b, use_input_stats=False)
+    if op in ("batch_norm", "batch_norm_1d"):
+        return F.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2)
+    if op == "batch_norm_eval":
+        return F.batch_norm(x, rm, rv, w, b, training=False)
+    raise ValueError(op)
+
+
+def _params(op: str, x: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor | None]:
+    # Low-precision inputs: bfloat16 uses float32 parameters (mixed precision), float16 its own.
+    pdtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype
+    if op.startswith("layer_norm_2d"):
+        pshape = tuple(x.shape[-2:])
+    elif op in ("layer_norm", "rms_norm"):
+        pshape = tuple(x.shape[-1:])
+    else:
+        pshape = (x.shape[1],)
+
+    def rand(scale: float, shift: float) -> torch.Tensor:
+        t = torch.randn(pshape, generator=g, dtype=torch.float64) * scale + shift
+        return t.to(pdtype)
+
+    out: dict[str, torch.Tensor | None] = {"w": rand(0.5, 1.0), "b": rand(0.5, 0.0),
+                                           "rm": None, "rv": None, "groups": None}
+    if op == "rms_norm":
+        out["b"] = None
+    if op.startswith(("batch", "instance")):
+        out["rm"] = rand(0.3, 0.0)
+        out["rv"] = rand(0.1, 1.0).abs() + 0.1
+    if op == "group_norm":
+        out["groups"] = next(d for d in (3, 2, 1) if x.shape[1] % d == 0)
+    return out
+
+
+def _grads(op: str, x: torch.Tensor, params: dict) -> tuple[torch.Tensor, list, dict]:
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()
+              if k in ("w", "b") and v is not None}
+    buffers = {k: v.clone() for k, v in params.items() if k in ("rm", "rv") and v is not None}
+    xg = x.detach().clone().requires_grad_(True)
+    # Keep the clone's layout: clone() preserves strides of dense inputs, not of strided ones.
+    if not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+        xg = x.detach().requires_grad_(True)
+    out = _run(op, xg, {**params, **leaves, **buffers})
+    g = torch.Generator().manual_seed(7)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    inputs = [xg, *leaves.values()]
+    grads = torch.autograd.grad(out, inputs, grad)
+    return out, list(grads), buffers
+
+
+def _case_id(op: str, layout: str, dtype: torch.dtype) -> str:
+    return f"{op}-{layout}-{str(dtype).removeprefix('torch.')}"
+
+
+CASES = [
+    (op, layout, dtype)
+    for op in OPS
+    for layout in LAYOUTS
+    for dtype in DTYPES
+    if layout != "channels_last" or op in ("group_norm", "instance_norm", "instance_norm_eval",
+                                           "batch_norm", "batch_norm_eval")
+]
+
+
+@pytest.mark.parametrize(("op", "layout", "dtype"), CASES,
+                         ids=[_case_id(*c) for c in CASES])
+def test_kernel_matches_reference(op: str, layout: str, dtype: torch.dtype,
+                                  no_fallback: None) -> None:
+    seed = sum(map(ord, _case_id(op, layout, dtype)))
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(2):  # two random shapes per case
+        x = _make_input(_shape(op, rng), layout, dtype, g)
+        params = _params(op, x, g)
+        out_k, grads_k, bufs_k = _grads(op, x, params)
+        with kernels.use_reference():
+            out_r, grads_r, bufs_r = _grads(op, x, params)
+        tol = TOL[dtype]
+        torch.testing.assert_close(out_k, out_r, **tol)
+        if layout == "channels_last":
+            assert out_k.is_contiguous(memory_format=torch.channels_last)
+        for gk, gr in zip(grads_k, grads_r):
+            # Parameter gradients sum over many elements: compare relative to their scale.
+            torch.testing.assert_close(gk, gr, atol=tol["atol"] * max(1.0, gr.abs().max().item()),
+                                       rtol=tol["rtol"])
+        for k in bufs_k:
+            torch.testing.assert_close(bufs_k[k], bufs_r[k], **tol)
+
+
+@pytest.mark.parametrize(("op", "layout"), [
+    *[(op, "contiguous") for op in ("layer_norm", "rms_norm", "group_norm", "instance_norm",
+                                    "batch_norm", "batch_norm_eval", "batch_norm_1d")],
+    *[(op, "channels_last") for op in ("group_norm", "instance_norm", "batch_norm",
+                                       "batch_norm_eval")],
+])
+def test_kernel_gradcheck_float64(op: str, layout: str, no_fallback: None) -> None:
+    g = torch.Generator().manual_seed(3)
+    shape = {"layer_norm": (3, 6), "rms_norm": (3, 6), "batch_norm_1d": (5, 3)}.get(op, (2, 4, 3, 2))
+    x = _make_input(shape, layout, torch.float64, g).requires_grad_(True)
+    params = _params(op, x, g)
+    w = params["w"].requires_grad_(True)  # type: ignore[union-attr]
+    b = params["b"].requires_grad_(True) if params["b"] is not None else None
+
+    def f(x: torch.Tensor, w: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        p = {**params, "w": w, "b": rest[0] if rest else None}
+        if p["rm"] is not None:  # fresh buffers: the op mutates them
+            p["rm"], p["rv"] = params["rm"].clone(), params["rv"].clone()  # type: ignore
+        return _run(op, x, p)
+
+    inputs = (x, w) if b is None else (x, w, b)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("op", "layout"), [
+    *[(op, "contiguous") for op in ("layer_norm", "rms_norm", "group_norm", "instance_norm",
+                                    "batch_norm")],
+    *[(op, "channels_last") for op in ("group_norm", "instance_norm", "batch_norm")],
+])
+def test_large_offset_no_worse_than_torch(op: str, layout: str) -> None:
+    # 1e4 + 0.01 * noise in float32: E[x^2] - E[x]^2 loses every digit; the kernels must match
+    # torch's own error against a float64 oracle (they do far better: the mean is carried in double).
+    g = torch.Generator().manual_seed(11)
+    shape = (8, 512) if op in ("layer_norm", "rms_norm") else (8, 8, 24, 24)
+    x = 1e4 + 0.01 * torch.randn(shape, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    tf = torch.nn.functional
+    ours, theirs = {
+        "layer_norm": (lambda t: F.layer_norm(t, t.shape[-1:]),
+                       lambda t: tf.layer_norm(t, t.shape[-1:])),
+        "rms_norm": (lambda t: F.rms_norm(t, t.shape[-1:]), lambda t: tf.rms_norm(t, t.shape[-1:])),
+        "group_norm": (lambda t: F.group_norm(t, 4), lambda t: tf.group_norm(t, 4)),
+        "instance_norm": (lambda t: F.instance_norm(t), lambda t: tf.instance_norm(t)),
+        "batch_norm": (lambda t: F.batch_norm(t, None, None, training=True),
+                       lambda t: tf.batch_norm(t, None, None, training=True)),
+    }[op]
+    with kernels.use_reference():  # two-pass float64 oracle (torch's float64 GN on
+        oracle = ours(x.double())  # channels_last itself loses digits at this offset)
+    err_ours = (ours(x).double() - oracle).abs().max().item()
+    err_torch = (theirs(x).double() - oracle).abs().max().item()
+    assert err_ours <= max(err_torch, 4 * torch.finfo(torch.float32).eps), (err_ours, err_torch)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
+    # Long rows whose sum would saturate or round away in 16-bit accumulation.
+    g = torch.Generator().manual_seed(5)
+    x = (3.0 + torch.randn(4, 16384, generator=g)).to(dtype)
+    out = F.layer_norm(x, (16384,))
+    with kernels.use_reference():
+        oracle = F.layer_norm(x.double(), (16384,))
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    # One rounding of an O(4) value, plus float32 noise.
+    assert (out.double() - oracle).abs().max().item() <= 4 * ulp * 1.01
+
+
+def test_results_do_not_depend_on_thread_count() -> None:
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 16, 20, 20, generator=g).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    w = torch.randn(16).requires_grad_(True)
+    grad = torch.randn(x.shape, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs = []
+            for fn in (lambda t: F.batch_norm(t, None, None, w, None, training=True),
+                       lambda t: F.group_norm(t, 4, w),
+                       lambda t: F.layer_norm(t, t.shape[-1:])):
+                out = fn(x)
+                outs.append((out, *torch.autograd.grad(out, [x, w], grad, allow_unused=True)))
+            results.append(outs)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            for ta, tb in zip(a, b):
+                if ta is not None:
+                    assert torch.equal(ta, tb)
+
+
+def test_kernel_selected_for_cpu_and_not_forced_reference() -> None:
+    from normlab.functional._normalize import _REFERENCE
+
+    x = torch.randn(2, 3)
+    for op in ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"):
+        assert kernels.select(op, x, _REFERENCE).name == f"cpu:{op}"
+        assert kernels.select(op, x.to(torch.int32), _REFERENCE) is _REFERENCE
+        with kernels.use_reference():
+            assert kernels.select(op, x, _REFERENCE) is _REFERENCE
+
+
+def test_missing_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path) -> None:
+    monkeypatch.setattr(_build, "_libs", {})
+    monkeypatch.setattr(_build, "_failed", None)
+    monkeypatch.setenv("NORMLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="could not build the C.. CPU kernels"):
+        out = F.layer_norm(x, (8,))
+    assert not _build.available()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once
+        out2 = F.layer_norm(x, (8,))
+    with kernels.use_reference():
+        ref = F.layer_norm(x, (8,))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out2, ref)
+
+
+def test_import_compiles_nothing(tmp_path) -> None:
+    code = textwrap.dedent("""
+        import normlab
+        from normlab.kernels import _build
+        assert not _build._libs, "import normlab loaded a kernel library"
+        assert not any(_build.cache_dir().glob("**/*.so")), "import normlab compiled a kernel"
+        print("ok")
+    """)
+    env = {**os.environ, "NORMLAB_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
