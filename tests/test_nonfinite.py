@@ -73,3 +73,18 @@ def test_float16_running_statistics_saturate_instead_of_overflowing():
 def test_invalid_policy_is_rejected():
     with pytest.raises(ValueError, match=r"on_nonfinite='ignore' must be one of"):
         nnl.BatchNorm2d(3, on_nonfinite="ignore")
+
+
+def test_fused_batch_norm_act_refuses_nonfinite_batches_too():
+    m = nnl.BatchNormAct2d(3, activation="relu")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 2, 0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match=r"channel\(s\) \[2\]"):
+        m(x)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    m.on_nonfinite = "skip"
+    with pytest.warns(RuntimeWarning, match="were not updated"):
+        m(x)
+    assert m.num_batches_tracked.item() == 0

@@ -20,6 +20,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_layout",
     "batch_norm_with_status",
+    "check_batch_norm_args",
     "check_values_per_channel",
     "commit_running_stats",
     "updated_running_stats",
@@ -162,6 +163,37 @@ def batch_norm_with_status(
 ) -> tuple[Tensor, bool]:
     """:func:`batch_norm`, also saying whether the running statistics were updated."""
     op = "batch_norm"
+    layout = check_batch_norm_args(
+        op, input, running_mean, running_var, weight, bias, training, momentum, eps, on_nonfinite
+    )
+    if not training:
+        assert running_mean is not None and running_var is not None
+        stats = (running_mean.view(layout.param_shape), running_var.view(layout.param_shape))
+        return normalize(input, weight, bias, op, layout, eps, stats)[0], False
+    count = check_values_per_channel(op, input)
+    out, mean, var = normalize(input, weight, bias, op, layout, eps)
+    committed = False
+    if running_mean is not None and running_var is not None and count > 0:
+        committed = commit_running_stats(
+            op, running_mean, running_var, mean, var, count, momentum, on_nonfinite
+        )
+    return out, committed
+
+
+def check_batch_norm_args(
+    op: str,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    on_nonfinite: str,
+) -> Layout:
+    """Every check of a batch-norm call (plain or fused), before any state changes; returns the
+    layout of its statistics."""
     v.check_float_input(op, input)
     v.check_min_dim(op, input, 2, "(N, C, *)")
     v.check_eps(op, eps)
@@ -177,23 +209,12 @@ def batch_norm_with_status(
         v.check_param(op, name, t, input, (c,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    layout = batch_norm_layout(input.dim(), c)
-    if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{op}: evaluation (training=False) normalizes with running statistics, "
-                "but running_mean and running_var are None"
-            )
-        stats = (running_mean.view(layout.param_shape), running_var.view(layout.param_shape))
-        return normalize(input, weight, bias, op, layout, eps, stats)[0], False
-    count = check_values_per_channel(op, input)
-    out, mean, var = normalize(input, weight, bias, op, layout, eps)
-    committed = False
-    if running_mean is not None and running_var is not None and count > 0:
-        committed = commit_running_stats(
-            op, running_mean, running_var, mean, var, count, momentum, on_nonfinite
+    if not training and running_mean is None:
+        raise ValueError(
+            f"{op}: evaluation (training=False) normalizes with running statistics, "
+            "but running_mean and running_var are None"
         )
-    return out, committed
+    return batch_norm_layout(input.dim(), c)
 
 
 def check_nonfinite_policy(op: str, on_nonfinite: str) -> None:

@@ -32,9 +32,9 @@ from normlab import kernels
 from normlab.functional import _validate as v
 from normlab.functional._normalize import Layout, normalize_backward, normalize_forward
 from normlab.functional.batch_norm import (
-    batch_norm_layout,
+    check_batch_norm_args,
     check_values_per_channel,
-    updated_running_stats,
+    commit_running_stats,
 )
 from normlab.functional.moments import compute_dtype
 
@@ -292,6 +292,8 @@ def batch_norm_act(
     momentum: float = 0.1,
     eps: float = 1e-5,
     activation: str | None = "relu",
+    *,
+    on_nonfinite: str = "error",
 ) -> Tensor:
     """``activation(batch_norm(input, ...))`` with batch_norm's contract (running buffers are
     updated in place in training) and one fused sweep on the kernel path.
@@ -302,38 +304,43 @@ def batch_norm_act(
     Raises:
         As :func:`normlab.functional.batch_norm`, and ValueError for an unknown activation.
     """
+    return batch_norm_act_with_status(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+        on_nonfinite,
+    )[0]
+
+
+def batch_norm_act_with_status(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str | None,
+    on_nonfinite: str = "error",
+) -> tuple[Tensor, bool]:
+    """:func:`batch_norm_act`, also saying whether the running statistics were updated."""
     op = "batch_norm_act"
     _check_activation(op, activation)
-    v.check_float_input(op, input)
-    v.check_min_dim(op, input, 2, "(N, C, *)")
-    v.check_eps(op, eps)
-    v.check_momentum(op, momentum, allow_none=False)
-    c = input.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        v.check_param(op, name, t, input, (c,))
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
-    layout = batch_norm_layout(input.dim(), c)
+    layout = check_batch_norm_args(
+        op, input, running_mean, running_var, weight, bias, training, momentum, eps, on_nonfinite
+    )
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError(
-                f"{op}: evaluation (training=False) normalizes with running statistics, "
-                "but running_mean and running_var are None"
-            )
+        assert running_mean is not None and running_var is not None
         return _NormAct.apply(input, weight, bias, op, layout, eps,
                               running_mean.view(layout.param_shape),
-                              running_var.view(layout.param_shape), activation)[0]
+                              running_var.view(layout.param_shape), activation)[0], False
     count = check_values_per_channel(op, input)
     out, mean, var = _NormAct.apply(input, weight, bias, op, layout, eps, None, None, activation)
+    committed = False
     if running_mean is not None and running_var is not None and count > 0:
-        with torch.no_grad():
-            new_mean, new_var = updated_running_stats(
-                running_mean, running_var, mean, var, count, momentum
-            )
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    return out
+        committed = commit_running_stats(
+            op, running_mean, running_var, mean, var, count, momentum, on_nonfinite
+        )
+    return out, committed
 
 
 def group_norm_act(

@@ -160,12 +160,23 @@ class _BatchNorm(_NormBase):
             return 1.0 / (float(self.num_batches_tracked) + 1.0)
         return self.momentum
 
-    def _momentum_for_update(self) -> float:
-        """Weight of this batch in the running average; bumps the batch counter."""
-        momentum = self._next_momentum()
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        return momentum
+    def _batch_norm(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Tensor, bool]:
+        """The functional op behind this module: (output, whether the statistics were updated).
+        Fused subclasses swap it; the buffer logic in forward stays shared."""
+        return batch_norm_with_status(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            self.on_nonfinite,
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -173,7 +184,7 @@ class _BatchNorm(_NormBase):
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         track = update or not self.training
-        out, committed = batch_norm_with_status(
+        out, committed = self._batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -182,7 +193,6 @@ class _BatchNorm(_NormBase):
             use_batch_stats,
             self._next_momentum() if update else 0.0,
             self.eps,
-            self.on_nonfinite,
         )
         # The counter moves only once the statistics are in: a rejected call changes no state.
         if committed:

@@ -13,12 +13,11 @@ from typing import Any
 
 from torch import Tensor
 
-from normlab.functional.batch_norm import check_values_per_channel
 from normlab.functional.fused import (
     _check_activation,
     add_layer_norm,
     add_rms_norm,
-    batch_norm_act,
+    batch_norm_act_with_status,
     group_norm_act,
 )
 from normlab.nn.batchnorm import BatchNorm2d
@@ -41,31 +40,27 @@ class BatchNormAct2d(BatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None,
-                 dtype: Any = None, *, bias: bool = True, activation: str | None = "relu") -> None:
+                 dtype: Any = None, *, bias: bool = True, activation: str | None = "relu",
+                 on_nonfinite: str = "error") -> None:
         _check_activation(type(self).__name__, activation)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
+                         bias=bias, on_nonfinite=on_nonfinite)
         self.activation = activation
 
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update and input.numel() > 0:
-            check_values_per_channel(type(self).__name__, input)
-            momentum = self._momentum_for_update()
-        track = update or not self.training
-        return batch_norm_act(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            self.activation,
+    def _batch_norm(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> tuple[Tensor, bool]:
+        return batch_norm_act_with_status(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            self.activation, self.on_nonfinite,
         )
 
     def extra_repr(self) -> str:
