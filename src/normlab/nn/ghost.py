@@ -106,26 +106,21 @@ class _GhostBatchNorm(_BatchNorm):
                               ) -> bool:
         """Average of the per-chunk batch norm updates; returns whether the buffers changed.
 
-        The update is linear in the batch statistics, so this equals one update with the
-        chunk-averaged mean and Bessel-corrected variance. Each chunk goes through batch norm's
-        own commit on scratch copies, so the non-finite policy applies per chunk and the buffers
-        change only when every chunk was accepted.
+        The update is linear in the batch statistics, so the average of the chunks' updates is
+        one update with the count-weighted mean and Bessel-corrected variance of the chunks,
+        committed once through batch norm's own commit (and its non-finite policy, which a
+        non-finite chunk trips through the average).
         """
         total = sum(count for _, _, count in stats)
-        cdtype = stats[0][0].dtype
-        new_mean = torch.zeros_like(self.running_mean, dtype=cdtype)
-        new_var = torch.zeros_like(new_mean)
-        for mean, var, count in stats:
-            m, s = self.running_mean.clone(), self.running_var.clone()
-            if not commit_running_stats(
-                type(self).__name__, m, s, mean, var, count, momentum, self.on_nonfinite
-            ):
-                return False
-            new_mean.add_(m.to(cdtype), alpha=count / total)
-            new_var.add_(s.to(cdtype), alpha=count / total)
-        self.running_mean.copy_(new_mean)
-        self.running_var.copy_(new_var)
-        return True
+        mean = sum(m.reshape(-1) * (count / total) for m, _, count in stats)
+        unbiased = sum(
+            var.reshape(-1) * (count / max(count - 1, 1)) * (count / total)
+            for _, var, count in stats
+        )
+        return commit_running_stats(
+            type(self).__name__, self.running_mean, self.running_var, mean, unbiased, 1,
+            momentum, self.on_nonfinite,
+        )
 
     def extra_repr(self) -> str:
         head, _, tail = super().extra_repr().partition(", ")
