@@ -250,10 +250,11 @@ def test_replace_torch_sync_batchnorm_needs_dim():
 
 
 def test_replace_sync_single_process_equals_batch_norm():
-    sync_mod = pytest.importorskip("normlab.nn.sync_batchnorm")
+    from normlab.nn.sync_batchnorm import SyncBatchNorm
+
     ref, model = _net(), _net()
     replace_norms(model, "sync")
-    assert all(type(m) is sync_mod.SyncBatchNorm for m in _norms(model).values())
+    assert all(type(m) is SyncBatchNorm for m in _norms(model).values())
     x = _x()
     torch.testing.assert_close(model(x), ref(x), **F32)
     for m, r in zip(_norms(model).values(), _norms(ref).values()):
