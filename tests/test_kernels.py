@@ -252,6 +252,43 @@ def test_large_offset_no_worse_than_torch(op: str, layout: str) -> None:
     assert err_ours <= max(err_torch, 4 * torch.finfo(torch.float32).eps), (err_ours, err_torch)
 
 
+@pytest.mark.parametrize(("op", "shape", "channels_last"), [
+    # Batch norm NCHW: a channel of 4 x 40000 floats (640 KB) exceeds the per-channel cache
+    # budget, so forward and backward take the two-sweep schedule; 4 x 400 takes the per-channel one.
+    ("batch_norm", (4, 3, 200, 200), False),
+    ("batch_norm", (4, 3, 20, 20), False),
+    # channels_last group/instance norm: a 1.1 MB sample takes the two-sweep schedule; 1100
+    # channels leave one row per flat stretch, 5 groups of 220.
+    ("group_norm", (2, 1100, 16, 16), True),
+    ("instance_norm", (2, 1100, 16, 16), True),
+    ("group_norm", (3, 20, 7, 9), True),
+])
+def test_every_kernel_schedule_matches_the_reference(op: str, shape: tuple[int, ...],
+                                                     channels_last: bool, no_fallback) -> None:
+    g = torch.Generator().manual_seed(21)
+    x = (torch.randn(shape, generator=g) * 3 + 1).requires_grad_(True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    c = shape[1]
+    w = (torch.randn(c, generator=g) + 1).requires_grad_(True)
+    b = torch.randn(c, generator=g).requires_grad_(True)
+    call = {
+        "batch_norm": lambda t, w, b: F.batch_norm(t, None, None, w, b, training=True),
+        "group_norm": lambda t, w, b: F.group_norm(t, 5 if c % 5 == 0 else 4, w, b),
+        "instance_norm": lambda t, w, b: F.instance_norm(t, None, None, w, b),
+    }[op]
+    grad = torch.randn(shape, generator=g)
+    out = call(x, w, b)
+    got = (out, *torch.autograd.grad(out, [x, w, b], grad))
+    with kernels.use_reference():
+        xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+        ref = call(xd, wd, bd)
+        want = (ref, *torch.autograd.grad(ref, [xd, wd, bd], grad.double()))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, atol=2e-4 * max(1.0, e.abs().max().item()),
+                                   rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
     # Long rows whose sum would saturate or round away in 16-bit accumulation.
