@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from normlab import bench
 
 
@@ -35,3 +37,16 @@ def test_bench_rejects_unknown_op(capsys) -> None:
     bench.add_arguments(parser)
     assert bench.run(parser.parse_args(["--quick", "--ops", "nope"])) == 2
     assert "unknown op(s) ['nope']" in capsys.readouterr().err
+
+
+def test_bench_add_layer_norm_gelu_providers_compute_the_same_thing() -> None:
+    (case,) = bench._cases(True, ["add_layer_norm_gelu"])
+    assert (case.reads, case.writes) == (2, 2)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    inputs = bench._make_inputs(case, cpu, f32, seed=0)
+    outs = {p: case.build(p, cpu, f32, case.shape[-1])(*inputs)
+            for p in ("normlab", "reference", "torch")}
+    torch.testing.assert_close(outs["torch"][1], inputs[0] + inputs[1])
+    for p in ("reference", "torch"):
+        for ours, theirs in zip(outs["normlab"], outs[p]):
+            torch.testing.assert_close(ours, theirs)

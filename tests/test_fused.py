@@ -83,11 +83,48 @@ def test_add_rms_norm_matches_eager_chain(path: str, dtype: torch.dtype) -> None
              [x, r, w], dtype)
 
 
-def test_add_norm_gradient_through_the_sum_only(path: str) -> None:
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_add_norm_activation_matches_eager_chain(path: str, norm: str, activation: str,
+                                                 dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(6, 4, 40, generator=g) * 2 + 1).to(dtype)
+    r = torch.randn(6, 4, 40, generator=g).to(dtype)
+    w, b = torch.randn(40, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    act = ACTS[activation]
+    if norm == "layer_norm":
+        _compare(lambda x, r, w, b: FF.add_layer_norm(x, r, 40, w, b, activation=activation),
+                 lambda x, r, w, b: (act(tf.layer_norm(x + r, (40,), w, b)), x + r),
+                 [x, r, w, b], dtype)
+    else:
+        eps = torch.finfo(dtype).eps
+        _compare(lambda x, r, w: FF.add_rms_norm(x, r, 40, w, activation=activation),
+                 lambda x, r, w: (act(tf.rms_norm(x + r, (40,), w, eps)), x + r),
+                 [x, r, w], dtype)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_add_norm_activation_gradcheck_float64(path: str, activation: str) -> None:
+    g = torch.Generator().manual_seed(12)
+    x, r = (torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in range(2))
+    w, b = (torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
+            for _ in range(2))
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: FF.add_layer_norm(x, r, 5, w, b, activation=activation),
+        (x, r, w, b), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda x, r, w: FF.add_rms_norm(x, r, 5, w, activation=activation),
+        (x, r, w), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_add_norm_gradient_through_the_sum_only(path: str, activation: str | None) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 16, generator=g, requires_grad=True)
     r = torch.randn(4, 16, generator=g, requires_grad=True)
-    _, s = FF.add_layer_norm(x, r, 16)
+    _, s = FF.add_layer_norm(x, r, 16, activation=activation)
     gx, gr = torch.autograd.grad(s.square().sum(), [x, r])
     torch.testing.assert_close(gx, 2 * (x + r).detach())
     torch.testing.assert_close(gr, gx)
@@ -182,6 +219,8 @@ def _gradchecks(activation: str) -> None:
     (lambda: NF.GroupNormAct(3, 6, activation="gelu"), lambda: nn.GroupNorm(3, 6), (2, 6, 3, 3)),
     (lambda: NF.FusedAddLayerNorm(6), lambda: nn.LayerNorm(6), (2, 6)),
     (lambda: NF.FusedAddRMSNorm(6), lambda: nn.RMSNorm(6), (2, 6)),
+    (lambda: NF.FusedAddLayerNorm(6, activation="gelu"), lambda: nn.LayerNorm(6), (2, 6)),
+    (lambda: NF.FusedAddRMSNorm(6, activation="silu"), lambda: nn.RMSNorm(6), (2, 6)),
 ])
 def test_module_state_dict_is_the_torch_norms(ours, theirs, shape) -> None:
     a, b = ours(), theirs()
@@ -193,15 +232,34 @@ def test_module_state_dict_is_the_torch_norms(ours, theirs, shape) -> None:
     a.load_state_dict(b.state_dict(), strict=True)
     b.load_state_dict(a.state_dict(), strict=True)
     x = torch.randn(shape, generator=g)
+    act = ACTS[a.activation]
     if isinstance(a, (NF.FusedAddLayerNorm, NF.FusedAddRMSNorm)):
         r = torch.randn(shape, generator=g)
         normed, s = a(x, r)
         torch.testing.assert_close(s, x + r)
-        torch.testing.assert_close(normed, b(x + r))
+        torch.testing.assert_close(normed, act(b(x + r)))
     else:
-        act = {"silu": tf.silu, "gelu": tf.gelu}[a.activation]
         torch.testing.assert_close(a(x), act(b(x)))
+    if a.activation is None:
+        assert "activation" not in repr(a)
+    else:
         assert f"activation='{a.activation}'" in repr(a)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
+def test_fused_add_norm_modules_match_functional(path: str, activation: str) -> None:
+    g = torch.Generator().manual_seed(13)
+    ln = NF.FusedAddLayerNorm(12, activation=activation)
+    rms = NF.FusedAddRMSNorm(12, activation=activation)
+    with torch.no_grad():
+        for p in (*ln.parameters(), *rms.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    x, r = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g)
+    want_ln = FF.add_layer_norm(x, r, 12, ln.weight, ln.bias, activation=activation)
+    want_rms = FF.add_rms_norm(x, r, 12, rms.weight, activation=activation)
+    for got, want in ((ln(x, r), want_ln), (rms(x, r), want_rms)):
+        for p, q in zip(got, want):
+            torch.testing.assert_close(p, q, atol=0, rtol=0)
 
 
 def test_batch_norm_act_module_tracks_running_stats_like_torch() -> None:
@@ -224,6 +282,14 @@ def test_errors_name_the_problem() -> None:
         NF.BatchNormAct2d(4, activation="tanh")
     with pytest.raises(ValueError, match="activation='elu' is not supported"):
         FF.group_norm_act(torch.randn(2, 4, 3), 2, activation="elu")
+    with pytest.raises(ValueError, match="add_layer_norm: activation='tanh' is not supported"):
+        FF.add_layer_norm(torch.randn(2, 4), torch.randn(2, 4), 4, activation="tanh")
+    with pytest.raises(ValueError, match="add_rms_norm: activation='elu' is not supported"):
+        FF.add_rms_norm(torch.randn(2, 4), torch.randn(2, 4), 4, activation="elu")
+    with pytest.raises(ValueError, match="FusedAddLayerNorm: activation='tanh' is not supported"):
+        NF.FusedAddLayerNorm(4, activation="tanh")
+    with pytest.raises(ValueError, match="FusedAddRMSNorm: activation='swish' is not supported"):
+        NF.FusedAddRMSNorm(4, activation="swish")
     with pytest.raises(ValueError, match="residual must match the input's shape"):
         FF.add_layer_norm(torch.randn(2, 4), torch.randn(2, 5), 4)
     with pytest.raises(ValueError, match="num_channels=6 is not divisible by num_groups=4"):
@@ -260,5 +326,7 @@ def test_fused_kernels_do_not_fall_back(monkeypatch: pytest.MonkeyPatch, layout:
     w = torch.randn(8, generator=g, requires_grad=True)
     outs = [FF.batch_norm_act(x, None, None, w, None, True, activation="silu"),
             FF.group_norm_act(x, 4, w, None, activation="gelu"),
-            *FF.add_layer_norm(x, x.detach(), 5), FF.add_rms_norm(x, x.detach(), 5)[0]]
+            *FF.add_layer_norm(x, x.detach(), 5), FF.add_rms_norm(x, x.detach(), 5)[0],
+            *FF.add_layer_norm(x, x.detach(), 5, w[:5], w[3:], activation="gelu"),
+            FF.add_rms_norm(x, x.detach(), 5, w[:5], activation="silu")[0]]
     torch.autograd.grad(sum(o.sum() for o in outs), [x, w])

@@ -16,6 +16,7 @@ import torch
 
 from normlab.functional import fused
 from normlab.functional._normalize import Layout
+from normlab.kernels import cpu
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -106,13 +107,34 @@ def test_triton_add_layer_norm_and_deterministic_param_grads(tk) -> None:
     needs = (True, True, True)
     got = tk.backward("add_layer_norm", gy, s, w, None, mean, invstd, layout, True, needs,
                       dextra=gs)
-    want = fused.add_norm_backward(gy, gs, s, w, ref[2], ref[4], layout, needs)
+    want = fused.add_norm_backward(gy, gs, s, w, b, ref[2], ref[4], layout, needs)
     for p, q in zip(got, want):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     again = tk.backward("add_layer_norm", gy, s, w, None, mean, invstd, layout, True, needs,
                         dextra=gs)
     for p, q in zip(got, again):
         assert torch.equal(p, q)  # two-stage reduction in a fixed order, no atomics
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_triton_add_layer_norm_with_activation(tk, activation: str) -> None:
+    act = cpu.ACTIVATIONS[activation]
+    g = torch.Generator().manual_seed(1)
+    x, r = torch.randn(24, 16, generator=g) * 2, torch.randn(24, 16, generator=g)
+    w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    layout = Layout((1,), (16,))
+    y, mean, _var, invstd, s = tk.forward("add_layer_norm", x, w, b, layout, 1e-5, None, act,
+                                         residual=r)
+    ref = fused.add_norm_forward(x, r, w, b, layout, 1e-5, activation)
+    torch.testing.assert_close(y, ref[0])
+    torch.testing.assert_close(s, ref[1])
+    gy, gs = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    needs = (True, True, True)
+    got = tk.backward("add_layer_norm", gy, s, w, b, mean, invstd, layout, True, needs, act,
+                      dextra=gs)
+    want = fused.add_norm_backward(gy, gs, s, w, b, ref[2], ref[4], layout, needs, activation)
+    for p, q in zip(got, want):
+        torch.testing.assert_close(p, q, atol=1e-5 * max(1, q.abs().max()), rtol=1e-4)
 
 
 def test_triton_declines_what_it_does_not_cover(tk) -> None:

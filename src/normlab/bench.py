@@ -42,6 +42,8 @@ from normlab import kernels
 __all__ = ["add_arguments", "main", "run"]
 
 _PROVIDERS = ("normlab", "reference", "torch", "compile", "liger")
+# Cases on (rows, features) inputs, normalized over the last dim; the others are images.
+_ROW_KINDS = ("layer_norm", "rms_norm", "add_layer_norm", "add_layer_norm_gelu", "add_rms_norm")
 
 
 @dataclass
@@ -93,15 +95,17 @@ def _normlab_twin(kind: str, c: int) -> nn.Module:
 
 
 class _EagerAddNorm(nn.Module):
-    """The unfused chain ``s = x + residual; y = norm(s)`` that fused add+norm replaces."""
+    """The unfused chain ``s = x + residual; y = act(norm(s))`` that fused add+norm replaces."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, act: nn.Module | None = None) -> None:
         super().__init__()
-        self.norm = norm
+        self.norm, self.act = norm, act
 
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
         s = x + residual
-        return self.norm(s), s
+        y = self.norm(s)
+        # No nn.Identity for the plain chain: its call overhead would be timed as torch's.
+        return (y if self.act is None else self.act(y)), s
 
 
 class _EagerNormAct(nn.Module):
@@ -121,6 +125,8 @@ def _fused_module(kind: str, c: int) -> nn.Module | None:
         return None
     if kind == "add_layer_norm":
         return fused.FusedAddLayerNorm(c)
+    if kind == "add_layer_norm_gelu":
+        return fused.FusedAddLayerNorm(c, activation="gelu")
     if kind == "add_rms_norm":
         return fused.FusedAddRMSNorm(c)
     if kind == "batch_norm_relu":
@@ -133,6 +139,8 @@ def _fused_module(kind: str, c: int) -> nn.Module | None:
 def _eager_chain(kind: str, c: int) -> nn.Module:
     if kind == "add_layer_norm":
         return _EagerAddNorm(nn.LayerNorm(c))
+    if kind == "add_layer_norm_gelu":
+        return _EagerAddNorm(nn.LayerNorm(c), nn.GELU())
     if kind == "add_rms_norm":
         return _EagerAddNorm(nn.RMSNorm(c))
     if kind == "batch_norm_relu":
@@ -198,7 +206,7 @@ def _cases(quick: bool, ops: list[str] | None) -> list[Case]:
     rows = [(256, 512)] if quick else [(4096, 1024), (16384, 768)]
     images = [(4, 64, 16, 16)] if quick else [(32, 64, 56, 56)]
     cases: list[Case] = []
-    for kind in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+    for kind in _ROW_KINDS:
         for shape in rows:
             add = kind.startswith("add_")
             cases.append(Case(kind, shape, False, _builder(kind), 2 if add else 1,
@@ -279,8 +287,7 @@ def _calibrate(fn: Callable[[], Any], min_time: float, device: torch.device) -> 
 
 def _bench_case(case: Case, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> list[dict[str, Any]]:
-    c = case.shape[-1] if case.name in ("layer_norm", "rms_norm", "add_layer_norm",
-                                        "add_rms_norm") else case.shape[1]
+    c = case.shape[-1] if case.name in _ROW_KINDS else case.shape[1]
     providers = [p for p in _PROVIDERS if p != "compile" or args.compile]
     modules: dict[str, nn.Module] = {}
     for p in providers:

@@ -3,11 +3,13 @@ r"""Fused normalization: residual-add + layer/RMS norm, and batch/group norm + a
 Each fused op computes exactly what its unfused chain computes, in one sweep over the data where a
 kernel applies (see :mod:`normlab.kernels`), and saves only what the plain norm saves:
 
-* ``add_layer_norm`` / ``add_rms_norm``: :math:`s = x + r`, returns ``(norm(s), s)``. The sum is
-  the residual stream a transformer block passes on, so it is an output rather than a temporary.
-  Backward: :math:`\partial L/\partial x = \partial L/\partial r = \partial L/\partial s +
-  \mathrm{norm}'(s)^\top \partial L/\partial y`. Saves ``s`` (an output anyway) and the per-row
-  ``mean``/``invstd``.
+* ``add_layer_norm`` / ``add_rms_norm``: :math:`s = x + r`, returns ``(\phi(norm(s)), s)`` with
+  :math:`\phi` an optional activation (below; the identity by default). The sum is the residual
+  stream a transformer block passes on, so it is an output rather than a temporary. Backward:
+  :math:`\partial L/\partial x = \partial L/\partial r = \partial L/\partial s +
+  \mathrm{norm}'(s)^\top (\phi'(z)\,\partial L/\partial y)` with :math:`z = \mathrm{norm}(s)`
+  recomputed as for the norm + activation ops. Saves ``s`` (an output anyway), the parameters and
+  the per-row ``mean``/``invstd``.
 * ``batch_norm_act`` / ``group_norm_act``: :math:`y = \phi(z)`, :math:`z = \gamma\hat x + \beta`
   with :math:`\phi` one of ReLU, SiLU, GELU (erf form). Backward recomputes :math:`z` from the
   saved input and statistics instead of saving it, then runs the norm's backward on
@@ -79,25 +81,33 @@ def _act_grad(z: Tensor, activation: str | None) -> Tensor:
 
 def add_norm_forward(
     x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Layout,
-    eps: float,
+    eps: float, activation: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Reference: ``(out, sum, mean, var, invstd)`` with ``sum = x + residual``."""
+    """Reference: ``(out, sum, mean, var, invstd)`` with ``sum = x + residual`` and
+    ``out = activation(norm(sum))``."""
     s = x + residual
-    out, mean, var, invstd = normalize_forward(s, weight, bias, layout, eps)
-    return out, s, mean, var, invstd
+    z, mean, var, invstd = normalize_forward(s, weight, bias, layout, eps)
+    return _act(z, activation), s, mean, var, invstd
 
 
 def add_norm_backward(
     grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor, weight: Tensor | None,
-    mean: Tensor, invstd: Tensor, layout: Layout, needs: tuple[bool, bool, bool],
+    bias: Tensor | None, mean: Tensor, invstd: Tensor, layout: Layout,
+    needs: tuple[bool, bool, bool], activation: str | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Reference: ``(grad_sum_total, grad_weight, grad_bias)``; the first is the gradient of both
-    the input and the residual."""
+    the input and the residual. ``bias`` is read only to recompute the pre-activation."""
     if grad_out is None:
-        grad_out = torch.zeros_like(s)
-    grad_s, grad_weight, grad_bias = normalize_backward(
-        grad_out, s, weight, mean, invstd, layout, True, needs
-    )
+        # No gradient reaches the output, so the activation's derivative cannot matter.
+        grad_out, activation = torch.zeros_like(s), None
+    if activation is None:
+        grad_s, grad_weight, grad_bias = normalize_backward(
+            grad_out, s, weight, mean, invstd, layout, True, needs
+        )
+    else:
+        grad_s, grad_weight, grad_bias = norm_act_backward(
+            grad_out, s, weight, bias, mean, invstd, layout, True, needs, activation
+        )
     if grad_s is not None and grad_sum is not None:
         grad_s = grad_s + grad_sum
     return grad_s, grad_weight, grad_bias
@@ -142,12 +152,13 @@ class _AddNorm(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
-        op: str, layout: Layout, eps: float,
+        op: str, layout: Layout, eps: float, activation: str | None,
     ) -> tuple[Tensor, Tensor]:
         kernel = kernels.select(op, x, _ADD_NORM_REFERENCE)
-        out, s, mean, _var, invstd = kernel.forward(x, residual, weight, bias, layout, eps)
-        ctx.save_for_backward(s, weight, mean, invstd)
-        ctx.kernel, ctx.layout = kernel, layout
+        out, s, mean, _var, invstd = kernel.forward(x, residual, weight, bias, layout, eps,
+                                                    activation)
+        ctx.save_for_backward(s, weight, bias, mean, invstd)
+        ctx.kernel, ctx.layout, ctx.activation = kernel, layout, activation
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.set_materialize_grads(False)
@@ -156,7 +167,7 @@ class _AddNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor | None) -> tuple[Any, ...]:
-        s, weight, mean, invstd = ctx.saved_tensors
+        s, weight, bias, mean, invstd = ctx.saved_tensors
         need_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         needs = (need_input, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         if grad_out is not None:
@@ -164,13 +175,13 @@ class _AddNorm(torch.autograd.Function):
         if grad_sum is not None:
             grad_sum = grad_sum.contiguous()
         grad_s, grad_weight, grad_bias = ctx.kernel.backward(
-            grad_out, grad_sum, s, weight, mean, invstd, ctx.layout, needs
+            grad_out, grad_sum, s, weight, bias, mean, invstd, ctx.layout, needs, ctx.activation
         )
         if grad_bias is not None:
             grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
         return (grad_s if ctx.needs_input_grad[0] else None,
                 grad_s if ctx.needs_input_grad[1] else None,
-                grad_weight, grad_bias, None, None, None)
+                grad_weight, grad_bias, None, None, None, None)
 
 
 class _NormAct(torch.autograd.Function):
@@ -221,7 +232,9 @@ def _like(grad: Tensor, x: Tensor) -> Tensor:
 
 def _add_norm(op: str, name: str, input: Tensor, residual: Tensor,
               normalized_shape: Sequence[int] | int, weight: Tensor | None,
-              bias: Tensor | None, eps: float, center: bool) -> tuple[Tensor, Tensor]:
+              bias: Tensor | None, eps: float, center: bool,
+              activation: str | None) -> tuple[Tensor, Tensor]:
+    _check_activation(name, activation)
     v.check_float_input(name, input)
     v.check_float_input(name, residual)
     if residual.shape != input.shape or residual.dtype != input.dtype:
@@ -239,7 +252,7 @@ def _add_norm(op: str, name: str, input: Tensor, residual: Tensor,
     k = len(shape)
     layout = Layout(reduce_dims=tuple(range(input.dim() - k, input.dim())), param_shape=shape,
                     center=center)
-    return _AddNorm.apply(input, residual, weight, bias, op, layout, eps)
+    return _AddNorm.apply(input, residual, weight, bias, op, layout, eps, activation)
 
 
 def add_layer_norm(
@@ -249,19 +262,26 @@ def add_layer_norm(
     weight: Tensor | None = None,
     bias: Tensor | None = None,
     eps: float = 1e-5,
+    activation: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Residual add then layer norm: returns ``(layer_norm(input + residual), input + residual)``.
+    """Residual add, layer norm, optional activation: returns
+    ``(activation(layer_norm(input + residual)), input + residual)``.
 
-    Same result as the eager chain ``s = input + residual; layer_norm(s, ...)``, with one sweep
-    over the data on the kernel path. ``residual`` must match the input's shape and dtype.
+    Same result as the eager chain ``s = input + residual; activation(layer_norm(s, ...))``, with
+    the add, the norm and the activation fused into one sweep over the data on the kernel path.
+    ``residual`` must match the input's shape and dtype.
+
+    Args:
+        activation: None (default, the plain norm), ``"relu"``, ``"silu"`` or ``"gelu"`` (erf
+            form, torch's default).
 
     Raises:
         TypeError: non-floating input or residual, incompatible parameter dtype.
         ValueError: residual shape/dtype/device mismatch, trailing dims differ from
-            `normalized_shape`, parameter shape mismatch, invalid eps.
+            `normalized_shape`, parameter shape mismatch, invalid eps, unknown activation.
     """
     return _add_norm("add_layer_norm", "add_layer_norm", input, residual, normalized_shape,
-                     weight, bias, eps, True)
+                     weight, bias, eps, True, activation)
 
 
 def add_rms_norm(
@@ -270,16 +290,23 @@ def add_rms_norm(
     normalized_shape: Sequence[int] | int,
     weight: Tensor | None = None,
     eps: float | None = None,
+    activation: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Residual add then RMS norm: returns ``(rms_norm(input + residual), input + residual)``.
+    """Residual add, RMS norm, optional activation: returns
+    ``(activation(rms_norm(input + residual)), input + residual)``, the activation fused into the
+    same sweep as the add and the norm on the kernel path.
 
     Args:
         eps: None (torch's default) means the machine epsilon of the compute dtype.
+        activation: None (default, the plain norm), ``"relu"``, ``"silu"`` or ``"gelu"``.
+
+    Raises:
+        As :func:`add_layer_norm`.
     """
     if eps is None:
         eps = torch.finfo(compute_dtype(input.dtype)).eps
     return _add_norm("add_rms_norm", "add_rms_norm", input, residual, normalized_shape, weight,
-                     None, eps, False)
+                     None, eps, False, activation)
 
 
 def batch_norm_act(

@@ -373,23 +373,26 @@ def _fused_reference() -> Any:
 
 def _make_add_norm(op: str) -> kernels.Kernel:
     def forward(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
-                layout: Any, eps: float) -> tuple[Tensor, ...]:
-        out = _forward(op, x, weight, bias, layout, eps, None, residual=residual)
+                layout: Any, eps: float, activation: str | None = None) -> tuple[Tensor, ...]:
+        out = _forward(op, x, weight, bias, layout, eps, None, ACTIVATIONS[activation],
+                       residual=residual)
         if out is None:
-            return _fused_reference().add_norm_forward(x, residual, weight, bias, layout, eps)
+            return _fused_reference().add_norm_forward(x, residual, weight, bias, layout, eps,
+                                                       activation)
         y, mean, var, invstd, s = out
         return y, s, mean, var, invstd
 
     def backward(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
-                 weight: Tensor | None, mean: Tensor, invstd: Tensor, layout: Any,
-                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+                 weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                 layout: Any, needs: tuple[bool, bool, bool],
+                 activation: str | None = None) -> tuple[Tensor | None, ...]:
         out = None
         if grad_out is not None:
-            out = _backward(op, grad_out, s, weight, None, mean, invstd, layout, True, needs,
-                            dextra=grad_sum)
+            out = _backward(op, grad_out, s, weight, bias, mean, invstd, layout, True, needs,
+                            ACTIVATIONS[activation], dextra=grad_sum)
         if out is None:
-            return _fused_reference().add_norm_backward(grad_out, grad_sum, s, weight, mean,
-                                                        invstd, layout, needs)
+            return _fused_reference().add_norm_backward(grad_out, grad_sum, s, weight, bias,
+                                                        mean, invstd, layout, needs, activation)
         return out
 
     return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)

@@ -96,10 +96,13 @@ class GroupNormAct(GroupNorm):
 
 
 class FusedAddLayerNorm(LayerNorm):
-    """``s = input + residual; (LayerNorm(s), s)`` fused; see
+    """``s = input + residual; (activation(LayerNorm(s)), s)`` fused; see
     :func:`normlab.functional.fused.add_layer_norm`.
 
-    Args: as :class:`normlab.nn.LayerNorm`.
+    Args:
+        normalized_shape, eps, elementwise_affine, bias: as :class:`normlab.nn.LayerNorm`.
+        activation: None (default, the plain norm), ``"relu"``, ``"silu"`` or ``"gelu"``
+            (keyword-only).
 
     Shape:
         input and residual (*, *normalized_shape); both outputs the same.
@@ -107,20 +110,44 @@ class FusedAddLayerNorm(LayerNorm):
 
     def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
                  elementwise_affine: bool = True, bias: bool = True, device: Any = None,
-                 dtype: Any = None) -> None:
+                 dtype: Any = None, *, activation: str | None = None) -> None:
+        _check_activation(type(self).__name__, activation)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.activation = activation
 
     def forward(self, input: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
-                              self.eps)
+                              self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        return _with_activation(super().extra_repr(), self.activation)
 
 
 class FusedAddRMSNorm(RMSNorm):
-    """``s = input + residual; (RMSNorm(s), s)`` fused; see
+    """``s = input + residual; (activation(RMSNorm(s)), s)`` fused; see
     :func:`normlab.functional.fused.add_rms_norm`.
 
-    Args: as :class:`normlab.nn.RMSNorm`.
+    Args:
+        normalized_shape, eps, elementwise_affine: as :class:`normlab.nn.RMSNorm`.
+        activation: None (default, the plain norm), ``"relu"``, ``"silu"`` or ``"gelu"``
+            (keyword-only).
     """
 
+    def __init__(self, normalized_shape: int | Sequence[int], eps: float | None = None,
+                 elementwise_affine: bool = True, device: Any = None, dtype: Any = None, *,
+                 activation: str | None = None) -> None:
+        _check_activation(type(self).__name__, activation)
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.activation = activation
+
     def forward(self, input: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps)
+        return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps,
+                            self.activation)
+
+    def extra_repr(self) -> str:
+        return _with_activation(super().extra_repr(), self.activation)
+
+
+def _with_activation(base: str, activation: str | None) -> str:
+    # The plain add + norm keeps the norm's repr, so existing printouts do not change.
+    return base if activation is None else f"{base}, activation={activation!r}"
