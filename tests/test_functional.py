@@ -154,3 +154,46 @@ def test_output_and_grad_keep_input_layout(layout: str):
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, TF.batch_norm(x, None, None, training=True), atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_inference_calls_skip_the_graph_and_agree_with_training_calls(path: str):
+    # Without a tensor that needs a gradient the ops call the kernel directly (no autograd node);
+    # outputs and running statistics must be exactly those of the graph-building call.
+    from normlab import kernels
+    from normlab.functional import fused
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 5, 5, generator=g)
+    w = torch.randn(6, generator=g).requires_grad_(True)
+    b = torch.randn(6, generator=g).requires_grad_(True)
+    r = torch.randn(4, 6, 5, 5, generator=g)
+    calls = {
+        "batch_norm": lambda w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training=True),
+        "batch_norm_eval": lambda w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training=False),
+        "layer_norm": lambda w, b, rm, rv: F.layer_norm(x, (5,), w[:5], b[:5]),
+        "group_norm": lambda w, b, rm, rv: F.group_norm(x, 3, w, b),
+        "instance_norm": lambda w, b, rm, rv: F.instance_norm(x, rm, rv, w, b),
+        "rms_norm": lambda w, b, rm, rv: F.rms_norm(x, (5,), w[:5]),
+        "batch_norm_act": lambda w, b, rm, rv: fused.batch_norm_act(x, rm, rv, w, b, True,
+                                                                    activation="silu"),
+        "group_norm_act": lambda w, b, rm, rv: fused.group_norm_act(x, 2, w, b, activation="gelu"),
+        "add_layer_norm": lambda w, b, rm, rv: fused.add_layer_norm(x, r, (5,), w[:5], b[:5],
+                                                                    activation="relu"),
+    }
+    ctx = kernels.use_reference() if path == "reference" else torch.enable_grad()
+    with ctx:
+        for name, call in calls.items():
+            stats_graph = (torch.zeros(6), torch.ones(6))
+            stats_plain = (torch.zeros(6), torch.ones(6))
+            with_graph = call(w, b, *stats_graph)
+            with torch.no_grad():
+                plain = call(w, b, *stats_plain)
+            with_graph = with_graph if isinstance(with_graph, tuple) else (with_graph,)
+            plain = plain if isinstance(plain, tuple) else (plain,)
+            assert with_graph[0].grad_fn is not None, name
+            for a, e in zip(plain, with_graph):
+                assert a.grad_fn is None, name
+                assert torch.equal(a, e.detach()), name
+            for a, e in zip(stats_plain, stats_graph):
+                assert torch.equal(a, e), name

@@ -196,5 +196,15 @@ def normalize(
     stats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable normalize; returns ``(out, mean, var)`` with the statistics detached."""
+    if not needs_graph(x, weight, bias):
+        # Inference: the kernel directly, without an autograd node (its Python set-up costs more
+        # than a small normalization).
+        out, mean, var, _invstd = kernels.select(op, x, _REFERENCE).forward(
+            x, weight, bias, layout, eps, stats)
+        return out, mean, var
     fixed_mean, fixed_var = (None, None) if stats is None else stats
     return _Normalize.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var)
+
+
+def needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

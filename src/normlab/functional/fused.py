@@ -32,7 +32,12 @@ from torch.autograd.function import once_differentiable
 
 from normlab import kernels
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize_backward, normalize_forward
+from normlab.functional._normalize import (
+    Layout,
+    needs_graph,
+    normalize_backward,
+    normalize_forward,
+)
 from normlab.functional.batch_norm import (
     check_batch_norm_args,
     check_values_per_channel,
@@ -216,6 +221,17 @@ class _NormAct(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+def _norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: Layout,
+              eps: float, fixed_mean: Tensor | None, fixed_var: Tensor | None,
+              activation: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    if not needs_graph(x, weight, bias):  # inference: no autograd node
+        stats = None if fixed_mean is None else (fixed_mean, fixed_var)
+        kernel = kernels.select(op, x, _NORM_ACT_REFERENCE)
+        out, mean, var, _invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
+        return out, mean, var
+    return _NormAct.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var, activation)
+
+
 def _like(grad: Tensor, x: Tensor) -> Tensor:
     """The gradient in x's memory layout (channels_last stays channels_last), copied only when
     the strides differ."""
@@ -252,6 +268,10 @@ def _add_norm(op: str, name: str, input: Tensor, residual: Tensor,
     k = len(shape)
     layout = Layout(reduce_dims=tuple(range(input.dim() - k, input.dim())), param_shape=shape,
                     center=center)
+    if not needs_graph(input, residual, weight, bias):  # inference: no autograd node
+        kernel = kernels.select(op, input, _ADD_NORM_REFERENCE)
+        out, s, *_ = kernel.forward(input, residual, weight, bias, layout, eps, activation)
+        return out, s
     return _AddNorm.apply(input, residual, weight, bias, op, layout, eps, activation)
 
 
@@ -357,11 +377,11 @@ def batch_norm_act_with_status(
     )
     if not training:
         assert running_mean is not None and running_var is not None
-        return _NormAct.apply(input, weight, bias, op, layout, eps,
+        return _norm_act(input, weight, bias, op, layout, eps,
                               running_mean.view(layout.param_shape),
                               running_var.view(layout.param_shape), activation)[0], False
     count = check_values_per_channel(op, input)
-    out, mean, var = _NormAct.apply(input, weight, bias, op, layout, eps, None, None, activation)
+    out, mean, var = _norm_act(input, weight, bias, op, layout, eps, None, None, activation)
     committed = False
     if running_mean is not None and running_var is not None and count > 0:
         committed = commit_running_stats(
@@ -400,5 +420,5 @@ def group_norm_act(
         reduce_dims=(2, *spatial),
         param_shape=(1, num_groups, c // num_groups, *(1,) * len(spatial)),
     )
-    out = _NormAct.apply(grouped, weight, bias, op, layout, eps, None, None, activation)[0]
+    out = _norm_act(grouped, weight, bias, op, layout, eps, None, None, activation)[0]
     return out.flatten(1, 2)
