@@ -50,3 +50,19 @@ def test_bench_add_layer_norm_gelu_providers_compute_the_same_thing() -> None:
     for p in ("reference", "torch"):
         for ours, theirs in zip(outs["normlab"], outs[p]):
             torch.testing.assert_close(ours, theirs)
+
+
+def test_bench_keep_freed_memory_is_recorded(tmp_path) -> None:
+    # In a subprocess: the option changes malloc's behaviour for the rest of the process.
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "normlab.bench", "--quick", "--ops", "rms_norm", "--repeats", "1",
+         "--min-time", "0", "--forward-only", "--keep-freed-memory", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["meta"]["keep_freed_memory"] is True
+    assert "freed" in proc.stdout.split("┏")[0]  # said in the title

@@ -375,6 +375,8 @@ def _print_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         ])
     title = (f"normlab bench: {meta['device']} {meta['dtype']}, {meta['threads']} threads, "
              f"median of {meta['repeats']} interleaved rounds; ×p = time(p) / time(normlab)")
+    if meta.get("keep_freed_memory"):
+        title += "; freed memory kept (no fresh pages)"
     try:
         from rich.console import Console
         from rich.table import Table
@@ -414,8 +416,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before timing (default: torch's)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc only: freed memory stays in the process (no mmap per large "
+                             "tensor, no heap trimming), so no timed call pays for fresh pages; "
+                             "the same for every provider, as under a caching allocator")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="write all results here")
+
+
+def _keep_freed_memory() -> bool:
+    """Tell glibc's malloc to serve every allocation from its heap and never give memory back.
+
+    A tensor of tens of MB is otherwise mmapped fresh (or the heap trimmed after it is freed), and
+    the next call pays a page fault and a kernel zero-fill per 4 KB page, for torch and normlab
+    alike: on a 2-core VM that cost rivals the normalization itself and makes forward+backward
+    timings bimodal. Returns False where mallopt is unavailable.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -426,6 +453,9 @@ def run(args: argparse.Namespace) -> int:
         args.min_time = 0.002 if args.quick else 0.05
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "keep_freed_memory", False) and not _keep_freed_memory():
+        print("bench: --keep-freed-memory needs glibc's mallopt", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda but CUDA is not available", file=sys.stderr)
@@ -446,6 +476,7 @@ def run(args: argparse.Namespace) -> int:
         "normlab": normlab.__version__,
         "python": platform.python_version(),
         "quick": bool(args.quick),
+        "keep_freed_memory": bool(getattr(args, "keep_freed_memory", False)),
     }
     records: list[dict[str, Any]] = []
     for case in cases:
