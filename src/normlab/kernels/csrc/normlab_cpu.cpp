@@ -202,18 +202,22 @@ template <class A, class F> inline A reduce_sum(i64 n, F f) {
   return acc[0] + tail;
 }
 
-// Two sums at once: f(i, a, b) adds its terms to a and b. pf / pfw (optional): lines to prefetch
-// for reading / writing along the way, pf_step bytes per kLanes elements.
+// Two sums at once: f(i, a, b) adds its terms to a and b. pf, pf2 / pfw (optional): lines to
+// prefetch for reading / writing along the way, pf_step bytes per kLanes elements.
 template <class A, class F>
 inline void reduce_sum2(i64 n, A& out_a, A& out_b, F f, const char* pf = nullptr, i64 pf_step = 0,
-                        char* pfw = nullptr) {
+                        char* pfw = nullptr, const char* pf2 = nullptr) {
   A a[kLanes] = {}, b[kLanes] = {};
   i64 i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     if (pf != nullptr) {
-      for (i64 o = 0; o < pf_step; o += 64) __builtin_prefetch(pf + i / kLanes * pf_step + o);
+      const i64 at = i / kLanes * pf_step;
+      for (i64 o = 0; o < pf_step; o += 64) __builtin_prefetch(pf + at + o);
+      if (pf2 != nullptr) {
+        for (i64 o = 0; o < pf_step; o += 64) __builtin_prefetch(pf2 + at + o);
+      }
       if (pfw != nullptr) {
-        for (i64 o = 0; o < pf_step; o += 64) __builtin_prefetch(pfw + i / kLanes * pf_step + o, 1);
+        for (i64 o = 0; o < pf_step; o += 64) __builtin_prefetch(pfw + at + o, 1);
       }
     }
     for (int j = 0; j < kLanes; ++j) f(i + j, a[j], b[j]);
@@ -282,17 +286,17 @@ inline double block_sumsq(const T* p, i64 n, const T* next = nullptr, T* out = n
 
 // Mean and M2 (sum of squared deviations) of a contiguous run; RMS norm (center = 0) returns
 // mean 0 and the sum of squares.
-// `next` (optional, rows of at most kBlock elements): the next row, prefetched a little per
-// stretch of this one's reduction; `out`: this row's output, prefetched for writing the same way,
-// so the normalize sweep's stores find their lines owned (measured 6% on 4096 x 1024).
+// `next` (optional): the next run of the same length, prefetched a little per stretch of this
+// one's reduction; `out`: this run's output, prefetched for writing the same way, so the normalize
+// sweep's stores find their lines owned (measured 6% on 4096 x 1024 layer norm).
 template <class T>
 inline void run_moments(const T* p, i64 L, int center, double& mean, double& m2,
                         const T* next = nullptr, T* out = nullptr) {
+  auto at = [](auto* q, i64 i0) { return q != nullptr ? q + i0 : nullptr; };
   if (!center) {
     double ss = 0;
     for (i64 i0 = 0; i0 < L; i0 += kBlock)
-      ss += block_sumsq(p + i0, std::min(kBlock, L - i0), L <= kBlock ? next : nullptr,
-                        L <= kBlock ? out : nullptr);
+      ss += block_sumsq(p + i0, std::min(kBlock, L - i0), at(next, i0), at(out, i0));
     mean = 0;
     m2 = ss;
     return;
@@ -305,7 +309,7 @@ inline void run_moments(const T* p, i64 L, int center, double& mean, double& m2,
   for (i64 i0 = 0; i0 < L; i0 += kBlock) {
     const i64 n = std::min(kBlock, L - i0);
     double bm, bq;
-    block_moments(p + i0, n, bm, bq);
+    block_moments(p + i0, n, bm, bq, at(next, i0), at(out, i0));
     acc.merge(static_cast<double>(n), bm, bq);
   }
   mean = acc.mean;
@@ -344,6 +348,8 @@ inline void normalize_row(const T* src, T* y, i64 K, i64 S, i64 cbase, double me
   }
 }
 
+constexpr i64 kPrefetchRow = 16 * kBlock;  // longest row whose successor is prefetched (in L2)
+
 inline i64 grain_rows(i64 L) { return std::max<i64>(1, kWork / std::max<i64>(L, 1)); }
 
 template <class T, int ACT>
@@ -362,10 +368,11 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
         for (i64 i = 0; i < L; ++i) so[i] = from_acc<T>(to_acc(src[i]) + to_acc(rp[i]));
         src = so;
       }
-      // Rows are often exactly one page, where the hardware prefetcher stops: the reduction
-      // prefetches the next row a few lines per stretch (a burst of 64 prefetches up front stalled
-      // on the line-fill buffers and measured 10% slower on 4096 x 1024).
-      const T* next = (r + 1 < r1 && L <= kBlock && res == nullptr) ? x + (r + 1) * L : nullptr;
+      // The hardware prefetcher stops at every page boundary, and rows are often a page or a few:
+      // the reduction prefetches the next row a few lines per stretch (a burst of 64 prefetches
+      // up front stalled on the line-fill buffers and measured 10% slower on 4096 x 1024).
+      const T* next =
+          (r + 1 < r1 && L <= kPrefetchRow && res == nullptr) ? x + (r + 1) * L : nullptr;
       double m, q;
       run_moments(src, L, center, m, q, next, next ? y + r * L : nullptr);
       const double var = q / static_cast<double>(L);
@@ -655,7 +662,12 @@ void bn_rows_forward(const T* x, T* y, i64 N, i64 C, i64 S, const acc_t<T>* w, c
   if (N * S * static_cast<i64>(sizeof(T)) <= kChannelBytes) {
     at::parallel_for(0, C, 1, [&](i64 c0, i64 c1) {
       for (i64 c = c0; c < c1; ++c) {
-        for (i64 n = 0; n < N; ++n) run_moments(x + (n * C + c) * S, S, 1, rm[n * C + c], rq[n * C + c]);
+        for (i64 n = 0; n < N; ++n) {
+          // The channel's rows are strided, which the hardware prefetcher does not follow.
+          const i64 r = n * C + c;
+          run_moments(x + r * S, S, 1, rm[r], rq[r],
+                      n + 1 < N && S <= kPrefetchRow ? x + (r + C) * S : nullptr);
+        }
         merge_channel(c);
         for (i64 n = 0; n < N; ++n) normalize(n * C + c);
       }
@@ -680,11 +692,14 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
   const double M = static_cast<double>(N * S);
   std::vector<double> sd(R), sdx(R);
   std::vector<A> c1(C), c2(C);
-  auto row_sums = [&](i64 r) {
+  // prefetch_next: also prefetch row r + C (the channel's next row, which the hardware prefetcher
+  // does not follow across the stride).
+  auto row_sums = [&](i64 r, bool prefetch_next = false) {
     const i64 c = r % C;
     const A m = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
     const T* xr = x + r * S;
     const T* dr = dy + r * S;
+    const bool pf = prefetch_next && S <= kPrefetchRow;
     A s0, s1;
     reduce_sum2<A>(S, s0, s1, [&](i64 i, A& da, A& dxa) {
       const A xh = (to_acc(xr[i]) - m) * rs;
@@ -692,7 +707,9 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
       if constexpr (ACT != ACT_NONE) d *= act_grad<ACT>(xh * wc + bc);
       da += d;
       dxa += d * xh;
-    });
+    }, pf ? reinterpret_cast<const char*>(xr + C * S) : nullptr,
+       kLanes * static_cast<i64>(sizeof(T)), nullptr,
+       pf ? reinterpret_cast<const char*>(dr + C * S) : nullptr);
     sd[r] = s0;
     sdx[r] = s1;
   };
@@ -727,7 +744,7 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
   if (dx != nullptr && 2 * N * S * static_cast<i64>(sizeof(T)) <= 2 * kChannelBytes) {
     at::parallel_for(0, C, 1, [&](i64 c0, i64 c1_) {
       for (i64 c = c0; c < c1_; ++c) {
-        for (i64 n = 0; n < N; ++n) row_sums(n * C + c);
+        for (i64 n = 0; n < N; ++n) row_sums(n * C + c, n + 1 < N);
         channel_sums(c);
         for (i64 n = 0; n < N; ++n) row_dx(n * C + c);
       }
