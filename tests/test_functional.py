@@ -35,18 +35,28 @@ def _run(fn, x, params, grad_out, upcast: bool = False):
     return back(out.detach()), back(x.grad), [None if p is None else back(p.grad) for p in params]
 
 
-def _assert_same(ours, theirs, dtype):
+def _assert_same(ours, theirs, dtype, native=None):
+    """`ours` equals the float64 oracle `theirs` to the dtype's tolerance. With `native` (torch in
+    the input's dtype), the absolute tolerance widens to twice torch's own error per tensor: a row
+    of nearly equal values is ill-conditioned (1 / std amplifies rounding) for torch as for us."""
     out, gx, gp = ours
     out_t, gx_t, gp_t = theirs
-    tol = TOL[dtype]
     assert out.dtype == out_t.dtype
-    torch.testing.assert_close(out, out_t, **tol)
-    torch.testing.assert_close(gx, gx_t, **tol)
-    for a, b in zip(gp, gp_t):
+    natives = [None] * (2 + len(gp)) if native is None else [native[0], native[1], *native[2]]
+
+    def close(a, b, n):
+        tol = dict(TOL[dtype])
+        if n is not None:
+            tol["atol"] = max(tol["atol"], 2 * (n - b).abs().max().item())
+        torch.testing.assert_close(a, b, **tol)
+
+    close(out, out_t, natives[0])
+    close(gx, gx_t, natives[1])
+    for a, b, n in zip(gp, gp_t, natives[2:]):
         if b is None:
             assert a is None
         else:
-            torch.testing.assert_close(a, b, **tol)
+            close(a, b, n)
 
 
 def _more_than_one_per_channel(cases):
@@ -101,7 +111,8 @@ def test_layer_norm_matches_torch(case: Case):
     go = torch.randn(x.shape, dtype=x.dtype)
     ours = _run(lambda x, w, b: F.layer_norm(x, shape, w, b, case.eps), x, [w, b], go)
     theirs = _run(lambda x, w, b: TF.layer_norm(x, shape, w, b, case.eps), x, [w, b], go, upcast=True)
-    _assert_same(ours, theirs, case.dtype)
+    native = _run(lambda x, w, b: TF.layer_norm(x, shape, w, b, case.eps), x, [w, b], go)
+    _assert_same(ours, theirs, case.dtype, native)
 
 
 @pytest.mark.parametrize("case", random_cases(40, 2, 5, seed=4), ids=str)
@@ -113,7 +124,8 @@ def test_group_norm_matches_torch(case: Case):
     go = torch.randn(x.shape, dtype=x.dtype)
     ours = _run(lambda x, w, b: F.group_norm(x, groups, w, b, case.eps), x, [w, b], go)
     theirs = _run(lambda x, w, b: TF.group_norm(x, groups, w, b, case.eps), x, [w, b], go, upcast=True)
-    _assert_same(ours, theirs, case.dtype)
+    native = _run(lambda x, w, b: TF.group_norm(x, groups, w, b, case.eps), x, [w, b], go)
+    _assert_same(ours, theirs, case.dtype, native)
 
 
 @pytest.mark.parametrize("case", _more_than_one_spatial(random_cases(30, 3, 5, seed=5)), ids=str)
@@ -144,7 +156,8 @@ def test_rms_norm_matches_torch(case: Case, eps):
     # eps=None means the input dtype's machine epsilon: pin it before the oracle runs upcast.
     eps_t = eps if eps is not None else torch.finfo(case.dtype).eps
     theirs = _run(lambda x, w: TF.rms_norm(x, shape, w, eps_t), x, [w], go, upcast=True)
-    _assert_same(ours, theirs, case.dtype)
+    native = _run(lambda x, w: TF.rms_norm(x, shape, w, eps_t), x, [w], go)
+    _assert_same(ours, theirs, case.dtype, native)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
