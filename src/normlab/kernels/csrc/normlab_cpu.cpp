@@ -340,10 +340,25 @@ inline void normalize_row(const T* src, T* y, i64 K, i64 S, i64 cbase, double me
     const A a = rs * w[cbase + k], bb = b[cbase + k] - ml * a;
     const T* s = src + k * S;
     T* o = y + k * S;
+    if constexpr (ACT != ACT_NONE) {  // compute-bound: one long vector loop
 #pragma omp simd
-    for (i64 i = 0; i < S; ++i) {
-      const A v = (to_acc(s[i]) - mh) * a + bb;
-      o[i] = from_acc<T>(act_fwd<ACT>(v));
+      for (i64 i = 0; i < S; ++i) o[i] = from_acc<T>(act_fwd<ACT>((to_acc(s[i]) - mh) * a + bb));
+      continue;
+    }
+    // Output lines are prefetched for writing 512 bytes ahead, so the read-for-ownership of each
+    // store overlaps the work before it (eval batch norm 32x64x56x56: 3.52 -> 3.05 ms).
+    constexpr i64 kStep = 256, kAhead = 512;
+    for (i64 i0 = 0; i0 < S; i0 += kStep) {
+      const i64 n = std::min(kStep, S - i0);
+      char* ahead = reinterpret_cast<char*>(o + i0) + kAhead;
+      for (i64 q = 0; q < n * static_cast<i64>(sizeof(T)); q += 64) __builtin_prefetch(ahead + q, 1);
+      const T* si = s + i0;
+      T* oi = o + i0;
+#pragma omp simd
+      for (i64 i = 0; i < n; ++i) {
+        const A v = (to_acc(si[i]) - mh) * a + bb;
+        oi[i] = from_acc<T>(act_fwd<ACT>(v));
+      }
     }
   }
 }
@@ -371,8 +386,11 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
       // The hardware prefetcher stops at every page boundary, and rows are often a page or a few:
       // the reduction prefetches the next row a few lines per stretch (a burst of 64 prefetches
       // up front stalled on the line-fill buffers and measured 10% slower on 4096 x 1024).
-      const T* next =
-          (r + 1 < r1 && L <= kPrefetchRow && res == nullptr) ? x + (r + 1) * L : nullptr;
+      // Not with a fused activation: its normalize sweep is compute-bound, and the prefetched
+      // lines only crowd the cache (group norm + SiLU measured 10% slower with them).
+      const T* next = (ACT == ACT_NONE && r + 1 < r1 && L <= kPrefetchRow && res == nullptr)
+                          ? x + (r + 1) * L
+                          : nullptr;
       double m, q;
       run_moments(src, L, center, m, q, next, next ? y + r * L : nullptr);
       const double var = q / static_cast<double>(L);
