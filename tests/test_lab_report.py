@@ -14,7 +14,13 @@ from typing import Any, ClassVar
 import pytest
 
 from lab_fakes import FailingExperiment, FakeConfig, FastExperiment
-from normlab.lab.experiment import Experiment, RunResult, Verdict, config_hash, config_to_dict
+from normlab.lab.experiment import (
+    Experiment,
+    RunResult,
+    Verdict,
+    config_to_dict,
+    run_key,
+)
 from normlab.lab.report import build_entries, print_verdicts, write_report
 from normlab.lab.runner import rebuild_report
 from normlab.lab.store import Store
@@ -34,7 +40,7 @@ class BrokenVerdict(FastExperiment):
 
 
 def _fill(store: Store, experiment: Experiment, config: Any, seeds: int) -> str:
-    chash = config_hash(config)
+    chash = run_key(experiment, config)
     for seed in range(seeds):
         run_id = store.claim(experiment.name, chash, seed, config_to_dict(config))
         assert run_id is not None
@@ -138,7 +144,7 @@ def test_terminal_table(report: tuple[Path, Path, list[Experiment]]) -> None:
 
     db, out, experiments = report
     with Store(db) as store:
-        keys = [(e.name, config_hash(e.default_config())) for e in experiments[:2]]
+        keys = [(e.name, run_key(e, e.default_config())) for e in experiments[:2]]
         entries = build_entries(store, keys, {e.name: e for e in experiments}, out.parent / "t")
     console = Console(record=True, width=140, color_system=None)
     print_verdicts(entries, console)

@@ -258,3 +258,40 @@ def test_concurrent_writer_processes(tmp_path: Path) -> None:
     for i in range(3):
         own = [r for r in runs if r.experiment == f"own{i}"]
         assert [r.result.metrics["seed"] for r in own] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_run_key_changes_with_the_experiment_code_and_config(tmp_path) -> None:
+    # An edited experiment must not reuse runs of its old code: its source is part of the key.
+    import importlib.util
+    import textwrap
+
+    from normlab.lab.experiment import run_key
+
+    def load(body: str):
+        path = tmp_path / f"exp_{abs(hash(body))}.py"
+        path.write_text(textwrap.dedent(f"""
+            from dataclasses import dataclass
+            from normlab.lab.experiment import Experiment
+
+            @dataclass
+            class Cfg:
+                lr: float = 0.1
+
+            class Exp(Experiment):
+                name = "edited"
+                def run(self, config, seed):
+                    return {body}
+        """))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return module
+
+    old, new = load("1"), load("2")
+    key_old = run_key(old.Exp(), old.Cfg())
+    assert key_old == run_key(old.Exp(), old.Cfg())  # stable
+    assert key_old != run_key(new.Exp(), new.Cfg())  # the edit changes the key
+    assert key_old != run_key(old.Exp(), old.Cfg(lr=0.2))  # so does the config

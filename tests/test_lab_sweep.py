@@ -193,17 +193,21 @@ def test_data_parallel_sync_bn_equals_one_process_on_the_global_batch() -> None:
         train_data_parallel(small_bn_mlp, data, world_size=0, batch_per_process=8, steps=1)
 
 
-class _Interrupting(FastExperiment):
-    def run(self, config: FakeConfig, seed: int) -> RunResult:
+def test_interrupted_sweep_gives_back_unfinished_claims(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same experiment class both times (its source is part of the run key), interrupted at
+    # seed 1 the first time.
+    finish = FastExperiment.run
+
+    def interrupted(self: FastExperiment, config: FakeConfig, seed: int) -> RunResult:
         if seed == 1:
             raise KeyboardInterrupt
-        return super().run(config, seed)
+        return finish(self, config, seed)
 
-
-def test_interrupted_sweep_gives_back_unfinished_claims(tmp_path: Path) -> None:
-    tasks = make_tasks(_Interrupting(), FakeConfig(), 3)
+    tasks = make_tasks(FastExperiment(), FakeConfig(), 3)
     with Store(tmp_path / "lab.db") as store:
-        with pytest.raises(KeyboardInterrupt):
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(FastExperiment, "run", interrupted)
             run_sweep(tasks, store, workers=0)
         # Seed 0 is stored; seeds 1 and 2 were claimed, then released for the next sweep.
         assert [(r.seed, r.status) for r in store.runs()] == [(0, "finished")]

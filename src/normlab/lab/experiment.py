@@ -103,8 +103,41 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_hash(config: Any) -> str:
-    """Stable short hash of a config's values (the store's key with experiment and seed)."""
+    """Stable short hash of a config's values."""
     text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_version(experiment: Experiment) -> str:
+    """Short hash of the code an experiment's numbers come from: its own module's source and the
+    lab's shared modules (experiment helpers, training loops, data sets).
+
+    Part of the store key, so that editing an experiment or a helper it uses runs it again instead
+    of reusing runs of the old code. Edits elsewhere in normlab (the layers and kernels under test)
+    do not change it: those are checked by the test suite, and rerunning every experiment after each
+    kernel change would make the store pointless.
+    """
+    import inspect
+    import sys
+
+    from normlab.lab import common, datasets
+    from normlab.lab.experiments import _shared
+
+    modules = [sys.modules.get(type(experiment).__module__), _shared, common, datasets]
+    digest = hashlib.sha256()
+    for module in modules:
+        try:
+            source = inspect.getsource(module) if module is not None else ""
+        except (OSError, TypeError):  # no source on disk (e.g. defined interactively)
+            source = getattr(module, "__name__", "")
+        digest.update(source.encode())
+    return digest.hexdigest()[:12]
+
+
+def run_key(experiment: Experiment, config: Any) -> str:
+    """The store's key for a run with experiment name and seed: config values and code version."""
+    text = json.dumps({"config": config_to_dict(config), "code": code_version(experiment)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normlab.lab.experiment import Experiment, config_hash
+from normlab.lab.experiment import Experiment, run_key
 from normlab.lab.report import ReportEntry, build_entries, print_verdicts, write_report
 from normlab.lab.store import Store
 from normlab.lab.sweep import SweepSummary, make_tasks, run_sweep
@@ -214,7 +214,7 @@ def run_lab(
         summary = run_sweep(
             tasks, store, workers=workers, ray_address=ray_address, progress=progress
         )
-        keys = [(e.name, config_hash(configs[e.name])) for e in experiments]
+        keys = [(e.name, run_key(e, configs[e.name])) for e in experiments]
         known = {e.name: e for e in [*registry, *experiments]}
         keys += [k for k in store.latest_configs() if k[0] in known and k[0] not in configs]
         order = {name: i for i, name in enumerate(known)}

@@ -107,7 +107,8 @@ class StoredRun:
     Attributes:
         id: the row id.
         experiment: experiment name.
-        config_hash: :func:`normlab.lab.experiment.config_hash` of the config.
+        config_hash: :func:`normlab.lab.experiment.run_key` of the experiment and config (config
+            values and the experiment's code version).
         seed: the seed.
         status: ``running``, ``finished`` or ``failed``.
         config: the config as a dict (its JSON).

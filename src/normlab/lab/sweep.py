@@ -28,7 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from normlab.lab.experiment import Experiment, RunResult, config_hash, config_to_dict
+from normlab.lab.experiment import Experiment, RunResult, config_to_dict, run_key
 from normlab.lab.store import Store, StoreError
 
 __all__ = [
@@ -69,8 +69,8 @@ class Task:
 
     @property
     def config_hash(self) -> str:
-        """The store key's config part."""
-        return config_hash(self.config)
+        """The store key's config part: config values and the experiment's code version."""
+        return run_key(self.experiment, self.config)
 
     def label(self) -> str:
         """Short text for progress lines, e.g. ``bn-convergence seed 2``."""
