@@ -530,7 +530,10 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
   // read and written once per pair (measured 2x faster than row by row on 4096 x 1024). With a
   // fused activation, d = dy * act'(z) is first written to `dbuf` (2K) in a vector loop of its own:
   // inside the reductions below the activation's exp/erf kept them scalar (8x slower for GELU).
-  auto two_rows = [&](i64 r, A* gw, A* gb, A* dbuf) {
+  // prefetch_next: the pair after this one is in the same chunk; its x and dy rows are prefetched
+  // during this pair's reductions (rows of a page or a few, where the hardware prefetcher stops),
+  // and this pair's dx rows for writing (layer norm forward+backward 7.3 -> 6.3 ms on 4096 x 1024).
+  auto two_rows = [&](i64 r, A* gw, A* gb, A* dbuf, bool prefetch_next) {
     const T* xr[2] = {x + r * L, x + (r + 1) * L};
     A m[2], rs[2], c1[2], c2[2];
     const i64 cbase = (r % Gp) * K;  // Gp == 1 for layer/RMS norm: both rows share it
@@ -550,12 +553,16 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
         const G* dh = gr[h];
         const A mh = m[h], rh = rs[h];
         A sg, sgx;
+        const bool pf = prefetch_next && K <= kPrefetchRow;
         reduce_sum2<A>(K, sg, sgx, [&](i64 k, A& ga, A& gxa) {
           const A xh = (to_acc(xh_[k]) - mh) * rh;
           const A g = to_acc(dh[k]) * wc[k];
           ga += g;
           gxa += g * xh;
-        });
+        }, pf ? reinterpret_cast<const char*>(x + (r + 2 + h) * L) : nullptr,
+           kLanes * static_cast<i64>(sizeof(T)),
+           pf && dx != nullptr ? reinterpret_cast<char*>(dx + (r + h) * L) : nullptr,
+           pf ? reinterpret_cast<const char*>(dy + (r + 2 + h) * L) : nullptr);
         c1[h] = (batch_stats && center) ? sg * inv_L : A(0);
         c2[h] = batch_stats ? sgx * inv_L : A(0);
       }
@@ -626,7 +633,7 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
         std::fill(gb, gb + K, A(0));
         const i64 r_end = std::min(R, (ch + 1) * rows_per);
         i64 r = ch * rows_per;
-        for (; r + 1 < r_end; r += 2) two_rows(r, gw, gb, dbuf.data());
+        for (; r + 1 < r_end; r += 2) two_rows(r, gw, gb, dbuf.data(), r + 3 < r_end);
         if (r < r_end) one_row(r, gw, gb, true, nullptr);
       }
     });
