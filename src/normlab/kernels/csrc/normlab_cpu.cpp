@@ -1,4 +1,4 @@
-// normlab CPU kernels: one-sweep normalization forward and backward, parallel over at::parallel_for.
+// normlab CPU kernels: one-sweep normalization forward and backward, parallel (at::parallel_for).
 //
 // The Python planner (normlab/kernels/cpu.py) maps every op onto one of two canonical layouts:
 //
@@ -13,13 +13,17 @@
 // Numerics: statistics accumulate in float (double for double inputs). A row is reduced in blocks
 // of kBlock elements; each block takes shifted sums (sum of x - x0 and of its square, x0 an
 // estimate of the block's mean) and blocks merge with Chan's pairwise update in double, so large
-// offsets (1e4 + 0.01 noise) keep their variance. Columns use shifted sums over chunks of rows, merged the same way. The mean is carried
-// in double and normalization subtracts it as a float pair (hi + lo), which keeps x - mean exact to
-// float rounding at large offsets. Partial sums are laid out per fixed-size chunk, not per thread,
-// so results do not depend on the number of threads or on scheduling.
+// offsets (1e4 + 0.01 noise) keep their variance. Columns use shifted sums over chunks of rows,
+// merged the same way. The mean is carried in double and normalization subtracts it as a float
+// pair (hi + lo), which keeps x - mean exact to float rounding at large offsets. Partial sums are
+// laid out per fixed-size chunk, not per thread, so results do not depend on the number of threads
+// or on scheduling.
 //
-// Every kernel reads its input at most twice from memory: once when a whole row fits in cache
-// (stats then normalize), twice when statistics span rows (batch norm, columns).
+// Every kernel reads its input at most twice from memory: once when the data one statistic spans
+// fits in a core's L2 (a row; a batch-norm channel; a channels_last sample), which one thread then
+// reduces and normalizes back to back; twice when it does not (two parallel sweeps). Rows are
+// prefetched one ahead and outputs prefetched for writing, since the hardware prefetcher stops at
+// page boundaries and every store otherwise waits for its line's read-for-ownership.
 
 #include <ATen/Parallel.h>
 
@@ -351,7 +355,8 @@ inline void normalize_row(const T* src, T* y, i64 K, i64 S, i64 cbase, double me
     for (i64 i0 = 0; i0 < S; i0 += kStep) {
       const i64 n = std::min(kStep, S - i0);
       char* ahead = reinterpret_cast<char*>(o + i0) + kAhead;
-      for (i64 q = 0; q < n * static_cast<i64>(sizeof(T)); q += 64) __builtin_prefetch(ahead + q, 1);
+      const i64 bytes = n * static_cast<i64>(sizeof(T));
+      for (i64 q = 0; q < bytes; q += 64) __builtin_prefetch(ahead + q, 1);
       const T* si = s + i0;
       T* oi = o + i0;
 #pragma omp simd
@@ -567,7 +572,8 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
         c2[h] = batch_stats ? sgx * inv_L : A(0);
       }
       // Branch-free inner loops: the dx / extra-gradient cases are separate instantiations, and
-      // the row constants are plain scalars (small arrays indexed in the loop spilled to the stack).
+      // the row constants are plain scalars (small arrays indexed in the loop spilled to the
+      // stack).
       const A m0 = m[0], m1 = m[1], r0 = rs[0], r1 = rs[1];
       const A a0 = c1[0], a1 = c1[1], b0 = c2[0], b1 = c2[1];
       const T* x0 = xr[0];
@@ -918,7 +924,9 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
     at::parallel_for(0, O, 1, [&](i64 o0, i64 o1) {
       Scratch s(VC);
       for (i64 o = o0; o < o1; ++o) {
-        for (i64 t = o * nb; t < (o + 1) * nb; ++t) chunk_stats(t, s.u.data(), s.v.data(), s.z.data());
+        for (i64 t = o * nb; t < (o + 1) * nb; ++t) {
+          chunk_stats(t, s.u.data(), s.v.data(), s.z.data());
+        }
         for (i64 g = 0; g < G; ++g) group_stats(o * G + g);
         coefficients(o);
         replicated(o, s);
