@@ -433,7 +433,9 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
   const A inv_L = A(1) / static_cast<A>(L);
   // dbuf (fused activation, S > 1): d = dy * act'(z) kept from the first sweep for the second,
   // so the activation's derivative is evaluated once per element.
-  auto one_row = [&](i64 r, A* gw, A* gb, bool accumulate, A* dbuf) {
+  // prefetch_next (S > 1, no activation): row r + 1 is next on this thread; its x and dy are
+  // prefetched during this row's reductions and this row's dx for writing, as in the forward.
+  auto one_row = [&](i64 r, A* gw, A* gb, bool accumulate, A* dbuf, bool prefetch_next = false) {
     const i64 si = smod ? r % smod : r;
     const A m = center ? mean[si] : A(0), rs = rstd[si];
     const i64 cbase = (r % Gp) * K;
@@ -454,6 +456,7 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
         gxa += g * xh;
       });
     } else {
+      const bool pf = ACT == ACT_NONE && prefetch_next && L <= kPrefetchRow;
       for (i64 k = 0; k < K; ++k) {
         const A wk = w[cbase + k], bk = b[cbase + k];
         const T* xs = xr + k * S;
@@ -469,7 +472,10 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
           }
           da += d;
           dxa += d * xh;
-        });
+        }, pf ? reinterpret_cast<const char*>(xs + L) : nullptr,
+           kLanes * static_cast<i64>(sizeof(T)),
+           pf && dx != nullptr ? reinterpret_cast<char*>(dx + r * L + k * S) : nullptr,
+           pf ? reinterpret_cast<const char*>(ds + L) : nullptr);
         if (accumulate) {
           gw[k] += sdx;
           gb[k] += sd;
@@ -651,7 +657,7 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
           std::fill(gw_part + r * K, gw_part + (r + 1) * K, A(0));
           std::fill(gb_part + r * K, gb_part + (r + 1) * K, A(0));
         }
-        one_row(r, gw_part + r * K, gb_part + r * K, false, dbuf.data());
+        one_row(r, gw_part + r * K, gb_part + r * K, false, dbuf.data(), r + 1 < r1);
       }
     });
   }
