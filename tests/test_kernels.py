@@ -262,6 +262,8 @@ def test_large_offset_no_worse_than_torch(op: str, layout: str) -> None:
     ("group_norm", (2, 1100, 16, 16), True),
     ("instance_norm", (2, 1100, 16, 16), True),
     ("group_norm", (3, 20, 7, 9), True),
+    # channels_last batch norm whose statistics merge 8 chunks of 4096 rows.
+    ("batch_norm", (8, 16, 64, 64), True),
 ])
 def test_every_kernel_schedule_matches_the_reference(op: str, shape: tuple[int, ...],
                                                      channels_last: bool, no_fallback) -> None:

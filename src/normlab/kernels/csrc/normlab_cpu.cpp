@@ -807,8 +807,11 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
 // are taken V at a time as one flat stretch of V*C elements, against per-channel arrays (shift,
 // accumulators, coefficients) replicated V times.
 
+// Rows per task: about 1 MB of float32. Smaller chunks spent a third of the statistics sweep on
+// each task's set-up (replicate, fill, fold); 262144 elements measured 10% faster than 16384 on
+// 32x64x56x56 channels_last batch norm.
 inline i64 chunk_rows(i64 C) {
-  return std::max<i64>(8, std::min<i64>(512, kWork / std::max<i64>(C, 1)));
+  return std::max<i64>(8, std::min<i64>(4096, (i64{1} << 18) / std::max<i64>(C, 1)));
 }
 
 constexpr i64 kStretch = 1024;  // elements per flat stretch of rows (the arrays stay in L1)
