@@ -210,3 +210,20 @@ def test_inference_calls_skip_the_graph_and_agree_with_training_calls(path: str)
                 assert torch.equal(a, e.detach()), name
             for a, e in zip(stats_plain, stats_graph):
                 assert torch.equal(a, e), name
+
+
+def test_forward_mode_ad_is_refused_not_silently_dropped():
+    # Dual tensors do not set requires_grad; the graph-free inference path must not swallow their
+    # tangents. No jvp is implemented, so torch's own error is the honest answer.
+    import torch.autograd.forward_ad as fwAD
+
+    from normlab.functional import fused
+
+    x = torch.randn(4, 8)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.randn(4, 8))
+        for call in (lambda: F.layer_norm(dual, (8,)),
+                     lambda: F.batch_norm(dual, None, None, training=True),
+                     lambda: fused.add_layer_norm(dual, x, 8)):
+            with pytest.raises(NotImplementedError, match="jvp"):
+                call()

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from normlab import kernels
@@ -207,4 +208,9 @@ def normalize(
 
 
 def needs_graph(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """Whether a call must go through the autograd function: some tensor needs a gradient, or a
+    forward-mode AD level is active (dual tensors do not set requires_grad; skipping the function
+    would drop their tangents silently instead of refusing them)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return forward_ad._current_level >= 0
