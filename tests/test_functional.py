@@ -212,6 +212,8 @@ def test_inference_calls_skip_the_graph_and_agree_with_training_calls(path: str)
                 assert torch.equal(a, e), name
 
 
+# torch's forward-AD helpers call the deprecated torch.jit.script internally.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad_is_refused_not_silently_dropped():
     # Dual tensors do not set requires_grad; the graph-free inference path must not swallow their
     # tangents. No jvp is implemented, so torch's own error is the honest answer.
