@@ -269,8 +269,11 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     d = plan.dims
     given = None
     if stats is not None:
+        # Fresh contiguous copies (the caller may save them while the buffers move on), so their
+        # data pointers are the flat vectors the kernels read; few small ops, since each costs
+        # tens of microseconds on the cold caches a large sweep leaves behind.
         mean, var = (s.to(cd, copy=True) for s in stats)
-        given = (mean, var, (var + eps).rsqrt())
+        given = (mean, var, var.add(eps).rsqrt_())
     if plan.kind == "row":
         res = None if residual is None else residual.contiguous()
         y, mean, var, invstd, s = _row_forward(lib, plan.x, w, b, d["R"], d["K"], d["S"], d["Gp"],
@@ -285,8 +288,8 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
         mean, var, invstd = given
         _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
                                     d["R"], d["K"], d["S"], d["Gp"], d["smod"], w.data_ptr(),
-                                    b.data_ptr(), mean.reshape(-1).contiguous().data_ptr(),
-                                    invstd.reshape(-1).contiguous().data_ptr()), "row_normalize")
+                                    b.data_ptr(), mean.data_ptr(), invstd.data_ptr()),
+               "row_normalize")
         return y, mean, var, invstd
     # bn_rows
     y = torch.empty_like(plan.x)
