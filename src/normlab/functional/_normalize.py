@@ -213,4 +213,5 @@ def needs_graph(*tensors: Tensor | None) -> bool:
     would drop their tangents silently instead of refusing them)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return True
-    return forward_ad._current_level >= 0
+    # A private attribute (no public query exists); if it ever goes away, always take the graph.
+    return getattr(forward_ad, "_current_level", 0) >= 0

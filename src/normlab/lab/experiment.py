@@ -9,6 +9,7 @@ asks the experiment for its :class:`Verdict` over all seeds and for its figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -117,13 +118,19 @@ def code_version(experiment: Experiment) -> str:
     do not change it: those are checked by the test suite, and rerunning every experiment after each
     kernel change would make the store pointless.
     """
+    return _module_code_version(type(experiment).__module__)
+
+
+@functools.cache
+def _module_code_version(module_name: str) -> str:
+    # Once per module and process: every task of a sweep asks for its key, some more than once.
     import inspect
     import sys
 
     from normlab.lab import common, datasets
     from normlab.lab.experiments import _shared
 
-    modules = [sys.modules.get(type(experiment).__module__), _shared, common, datasets]
+    modules = [sys.modules.get(module_name), _shared, common, datasets]
     digest = hashlib.sha256()
     for module in modules:
         try:
