@@ -43,7 +43,7 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 CASES = {
     # name: (op, input shape, layout, param shape, use bias, fixed stats, groups)
-    "layer_norm": ("layer_norm", (6, 37), Layout((1,), (37,)), (37,), True, False, None),
+    "layer_norm": ("layer_norm", (19, 37), Layout((1,), (37,)), (37,), True, False, None),
     "rms_norm": ("rms_norm", (5, 2, 24), Layout((2,), (24,), False), (24,), False, False, None),
     "group_norm": ("group_norm_act", (3, 6, 4, 5), Layout((2, 3, 4), (1, 3, 2, 1, 1)), (6,),
                    True, False, 3),

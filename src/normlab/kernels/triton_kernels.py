@@ -16,6 +16,7 @@ Tested on the CPU with ``TRITON_INTERPRET=1`` (small shapes: the interpreter is 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -94,7 +95,8 @@ def _row_forward_kernel(
         rstd = 1.0 / tl.sqrt(var + eps)
         tl.store(MEAN + r, mean)
         tl.store(VAR + r, var)
-        tl.store(RSTD + r, rstd)
+        if not STATS_ONLY:  # per-row moments for a later merge: no invstd wanted
+            tl.store(RSTD + r, rstd)
     if not STATS_ONLY:
         pidx = (r % Gp) * K + k
         w = tl.load(W + pidx, mask=k < K, other=0.0)
@@ -108,67 +110,146 @@ def _row_backward_kernel(
     DY, X, DEXTRA, DX,         # [R, K, S] contiguous
     W, B, MEAN, RSTD,          # parameters [Gp * K]; statistics indexed r % smod
     C1, C2,                    # MODE 2: per-statistic coefficients of the batch-stat terms
-    DW, DB,                    # partials: [programs, K] when PER_ELEM, else [R, K]
-    R, K, S, Gp, smod, rows_per_prog,
+    DW, DB,                    # per-row partial parameter gradients [R, K]
+    K, S, Gp, smod,
     CENTER: tl.constexpr, MODE: tl.constexpr, NEED_DX: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, ACT: tl.constexpr, PER_ELEM: tl.constexpr,
+    HAS_EXTRA: tl.constexpr, ACT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # MODE 0: statistics of the row itself (layer, RMS, group, instance norm in training);
-    # MODE 1: constant statistics (eval); MODE 2: batch statistics across rows, with the
-    # projection coefficients precomputed per statistic (batch norm on NCHW).
-    pid = tl.program_id(0).to(tl.int64)
+    # One program per row. MODE 0: statistics of the row itself (group and instance norm in
+    # training); MODE 1: constant statistics (eval), or only the partial sums (NEED_DX off);
+    # MODE 2: batch statistics across rows, with the projection coefficients precomputed per
+    # statistic (batch norm on NCHW).
+    r = tl.program_id(0).to(tl.int64)
     L = K * S
     k = tl.arange(0, BLOCK_K)
     s = tl.arange(0, BLOCK_S)
     kmask = k < K
     mask = kmask[:, None] & (s[None, :] < S)
-    acc_dw = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    si = r % smod
+    offs = r * L + k[:, None] * S + s[None, :]
+    rstd = tl.load(RSTD + si)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if CENTER:
+        x_hat = tl.where(mask, (x - tl.load(MEAN + si)) * rstd, 0.0)
+    else:
+        x_hat = x * rstd
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    pidx = (r % Gp) * K + k
+    w = tl.load(W + pidx, mask=kmask, other=0.0)
+    if ACT != 0:
+        b = tl.load(B + pidx, mask=kmask, other=0.0)
+        dy = tl.where(mask, dy * _act_grad(x_hat * w[:, None] + b[:, None], ACT), 0.0)
+    tl.store(DW + r * K + k, tl.sum(dy * x_hat, 1), mask=kmask)
+    tl.store(DB + r * K + k, tl.sum(dy, 1), mask=kmask)
+    if NEED_DX:
+        g = dy * w[:, None]
+        if MODE == 0:
+            c2 = tl.sum(tl.sum(g * x_hat, 1), 0) / L
+            if CENTER:
+                c1 = tl.sum(tl.sum(g, 1), 0) / L
+                dx = rstd * (g - c1 - x_hat * c2)
+            else:
+                dx = rstd * (g - x_hat * c2)
+        elif MODE == 1:
+            dx = g * rstd
+        else:
+            dx = rstd * (g - tl.load(C1 + si) - x_hat * tl.load(C2 + si))
+        if HAS_EXTRA:
+            dx += tl.load(DEXTRA + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _vec_backward_kernel(
+    DY, X, DEXTRA, DX,         # [R, K] contiguous
+    W, B, MEAN, RSTD,          # parameters [K], statistics [R]
+    DW, DB,                    # per-program partial parameter gradients [programs, K]
+    R, K, rows_per_prog,
+    CENTER: tl.constexpr, NEED_DX: tl.constexpr, HAS_EXTRA: tl.constexpr, ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Layer/RMS norm (and add+norm) rows: one feature vector per row, parameters shared by all
+    # rows, so they are loaded once and each program walks a block of rows accumulating its
+    # share of the parameter gradients (stage 1 of 2). 1-D tiles: a [K, 1] tile of the general
+    # kernel costs layout conversions that made its backward 2-6x slower on an H100.
+    pid = tl.program_id(0).to(tl.int64)  # int64 row offsets: R * K may pass 2^31
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    if ACT != 0:
+        b = tl.load(B + cols, mask=mask, other=0.0)
+    acc_dw = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK], dtype=tl.float32)
     r_end = tl.minimum(pid * rows_per_prog + rows_per_prog, R)
     for r in range(pid * rows_per_prog, r_end):
-        si = r % smod
-        offs = r * L + k[:, None] * S + s[None, :]
-        rstd = tl.load(RSTD + si)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        base = r * K
+        rstd = tl.load(RSTD + r)
+        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
         if CENTER:
-            x_hat = tl.where(mask, (x - tl.load(MEAN + si)) * rstd, 0.0)
+            x_hat = tl.where(mask, (x - tl.load(MEAN + r)) * rstd, 0.0)
         else:
             x_hat = x * rstd
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        pidx = (r % Gp) * K + k
-        w = tl.load(W + pidx, mask=kmask, other=0.0)
         if ACT != 0:
-            b = tl.load(B + pidx, mask=kmask, other=0.0)
-            dy = dy * _act_grad(x_hat * w[:, None] + b[:, None], ACT)
-            dy = tl.where(mask, dy, 0.0)
-        part_dw = tl.sum(dy * x_hat, 1)
-        part_db = tl.sum(dy, 1)
-        if PER_ELEM:
-            acc_dw += part_dw
-            acc_db += part_db
-        else:
-            tl.store(DW + r * K + k, part_dw, mask=kmask)
-            tl.store(DB + r * K + k, part_db, mask=kmask)
+            dy = tl.where(mask, dy * _act_grad(x_hat * w + b, ACT), 0.0)
+        acc_dw += dy * x_hat
+        acc_db += dy
         if NEED_DX:
-            g = dy * w[:, None]
-            if MODE == 0:
-                c2 = tl.sum(tl.sum(g * x_hat, 1), 0) / L
-                if CENTER:
-                    c1 = tl.sum(tl.sum(g, 1), 0) / L
-                    dx = rstd * (g - c1 - x_hat * c2)
-                else:
-                    dx = rstd * (g - x_hat * c2)
-            elif MODE == 1:
-                dx = g * rstd
+            g = dy * w
+            c2 = tl.sum(g * x_hat, 0) / K
+            if CENTER:
+                dx = rstd * (g - tl.sum(g, 0) / K - x_hat * c2)
             else:
-                dx = rstd * (g - tl.load(C1 + si) - x_hat * tl.load(C2 + si))
+                dx = rstd * (g - x_hat * c2)
             if HAS_EXTRA:
-                dx += tl.load(DEXTRA + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    if PER_ELEM:
-        tl.store(DW + pid * K + k, acc_dw, mask=kmask)
-        tl.store(DB + pid * K + k, acc_db, mask=kmask)
+                dx += tl.load(DEXTRA + base + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + base + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW + pid * K + cols, acc_dw, mask=mask)
+    tl.store(DB + pid * K + cols, acc_db, mask=mask)
+
+
+@triton.jit
+def _bn_merge_kernel(RM, RV, MEAN, VAR, RSTD, N, C, eps, BLOCK_N: tl.constexpr):
+    # Batch norm on NCHW: per-(sample, channel) moments over equal counts merged per channel
+    # (Chan): mean of the means, then mean of (row variance + squared deviation of the row mean).
+    c = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        acc += tl.load(RM + (start + n) * C + c, mask=start + n < N, other=0.0)
+    mean = tl.sum(acc, 0) / N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        m = start + n < N
+        dm = tl.load(RM + (start + n) * C + c, mask=m, other=0.0) - mean
+        acc += tl.where(m, tl.load(RV + (start + n) * C + c, mask=m, other=0.0) + dm * dm, 0.0)
+    var = tl.sum(acc, 0) / N
+    tl.store(MEAN + c, mean)
+    tl.store(VAR + c, var)
+    tl.store(RSTD + c, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _bn_grad_sums_kernel(PDW, PDB, W, GW, GB, C1, C2, N, C, inv_count, BLOCK_N: tl.constexpr):
+    # Batch norm on NCHW backward, between the two sweeps: per channel, sum the per-row partial
+    # sums of dy*x_hat and dy (fixed order: deterministic) into the parameter gradients and the
+    # two coefficients of the batch-statistics terms of dx.
+    c = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    acc_w = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        m = start + n < N
+        acc_w += tl.load(PDW + (start + n) * C + c, mask=m, other=0.0)
+        acc_b += tl.load(PDB + (start + n) * C + c, mask=m, other=0.0)
+    gw = tl.sum(acc_w, 0)
+    gb = tl.sum(acc_b, 0)
+    w = tl.load(W + c)
+    tl.store(GW + c, gw)
+    tl.store(GB + c, gb)
+    tl.store(C1 + c, w * gb * inv_count)
+    tl.store(C2 + c, w * gw * inv_count)
 
 
 def _blocks(K: int, S: int) -> tuple[int, int] | None:
@@ -176,13 +257,28 @@ def _blocks(K: int, S: int) -> tuple[int, int] | None:
     return None if bk * bs > _MAX_TILE else (bk, bs)
 
 
+def _warps(blocks: tuple[int, int]) -> int:
+    # A program holds its whole tile in registers: more warps for larger tiles keep each thread
+    # at a few dozen values instead of spilling (4 warps up to 2K elements, 32 from 32K).
+    tile = blocks[0] * blocks[1]
+    return 4 if tile < 2048 else 8 if tile < 8192 else 16 if tile < 32768 else 32
+
+
 def supported(x: Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _grid_rows(R: int, K: int) -> int:
-    # Layer/RMS norm: enough programs to fill the GPU, few enough that stage 2 stays small.
-    return max(1, min(R, 4 * 132 if torch.cuda.is_available() else 8))
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: few programs, so tests exercise programs of several rows
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _row_programs(R: int, warps: int, device: torch.device) -> int:
+    # Programs for the layer/RMS backward: about one SM's worth of warps per SM, so loads are in
+    # flight everywhere while the stage-2 partials ([programs, K]) stay a few percent of traffic.
+    return max(1, min(R, _sm_count(device) * max(1, 32 // warps)))
 
 
 def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any,
@@ -205,7 +301,8 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     xc = plan.x
     y = torch.empty_like(xc)
-    common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1]}
+    common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1],
+              "num_warps": _warps(blocks)}
     if plan.kind == "row":
         R = d["R"]
         mean, var, invstd = (torch.empty(R, device=dev, dtype=f32) for _ in range(3))
@@ -230,18 +327,16 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     # bn_rows: per-row moments, Chan merge per channel, then normalize with the merged statistics.
     N, C = d["N"], d["C"]
     R = N * C
-    rm, rv, _ = (torch.empty(R, device=dev, dtype=f32) for _ in range(3))
-    _row_forward_kernel[(R,)](xc, xc, y, y, w, b, rm, rv, _, 1, S, C, R, 0.0, CENTER=True,
+    rm, rv = (torch.empty(R, device=dev, dtype=f32) for _ in range(2))
+    _row_forward_kernel[(R,)](xc, xc, y, y, w, b, rm, rv, rv, 1, S, C, R, 0.0, CENTER=True,
                               HAS_RES=False, FIXED=False, STATS_ONLY=True, **common)
-    rm, rv = rm.view(N, C).double(), rv.view(N, C).double()
-    mean = rm.mean(0)
-    var = (rv + (rm - mean).square()).mean(0)  # equal counts: Chan's merge
-    invstd = (var + eps).rsqrt()
-    mean, var, invstd = (t.to(f32) for t in (mean, var, invstd))
+    shape = plan.stats_shape
+    mean, var, invstd = (torch.empty(shape, device=dev, dtype=f32) for _ in range(3))
+    _bn_merge_kernel[(C,)](rm, rv, mean, var, invstd, N, C, float(eps),
+                           BLOCK_N=min(1024, triton.next_power_of_2(N)))
     _row_forward_kernel[(R,)](xc, xc, y, y, w, b, mean, var, invstd, 1, S, C, C, 0.0,
                               CENTER=True, HAS_RES=False, FIXED=True, STATS_ONLY=False, **common)
-    shape = plan.stats_shape
-    return y, mean.view(shape), var.view(shape), invstd.view(shape)
+    return y, mean, var, invstd
 
 
 def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -268,41 +363,47 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
     mean = mean.reshape(-1).contiguous()
     invstd = invstd.reshape(-1).contiguous()
     dx = torch.empty_like(xc) if needs[0] else None
-    R = d["R"] if "R" in d else d["N"] * d["C"]
-    Gp = d.get("Gp", d.get("C", 1))
-    per_elem = S == 1 and Gp == 1 and plan.kind == "row"
-    common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1]}
-
-    def launch(mode: int, smod: int, need_dx: bool, c1: Tensor | None = None,
-               c2: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if per_elem:
-            progs = _grid_rows(R, K)
-            rows_per = math.ceil(R / progs)
-            progs = math.ceil(R / rows_per)
-        else:
-            progs, rows_per = R, 1
-        dw = torch.empty(progs if per_elem else R, K, device=dev, dtype=f32)
+    warps = _warps(blocks)
+    if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm rows
+        R = d["R"]
+        progs = _row_programs(R, warps, dev)
+        rows_per = math.ceil(R / progs)
+        progs = math.ceil(R / rows_per)
+        dw = torch.empty(progs, K, device=dev, dtype=f32)
         db = torch.empty_like(dw)
-        _row_backward_kernel[(progs,)](
+        _vec_backward_kernel[(progs,)](
             dy, xc, de if de is not None else dy, dx if dx is not None else dy, w, b, mean,
-            invstd, c1 if c1 is not None else invstd, c2 if c2 is not None else invstd, dw, db,
-            R, K, S, Gp, smod, rows_per, CENTER=layout.center, MODE=mode,
-            NEED_DX=need_dx and dx is not None, HAS_EXTRA=de is not None, PER_ELEM=per_elem,
-            **common)
-        return dw, db
+            invstd, dw, db, R, K, rows_per, CENTER=layout.center, NEED_DX=dx is not None,
+            HAS_EXTRA=de is not None, ACT=act, BLOCK=blocks[0], num_warps=warps)
+    else:
+        R = d["R"] if "R" in d else d["N"] * d["C"]
+        Gp = d.get("Gp", d.get("C", 1))
+        common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1], "num_warps": warps}
 
-    if plan.kind == "row":
-        dw, db = launch(0 if batch_stats else 1, R, True)
-    elif plan.kind == "row_fixed":
-        dw, db = launch(1, d["smod"], True)
-    else:  # bn_rows: per-row sums, merged per channel, then the batch-stat projection
-        N, C = d["N"], d["C"]
-        dw, db = launch(1, C, False)
-        sd, sdx = db.view(N, C).sum(0), dw.view(N, C).sum(0)
-        M = N * S
-        if dx is not None:
-            launch(2, C, True, (w * sd / M).contiguous(), (w * sdx / M).contiguous())
-        dw, db = sdx.view(1, C), sd.view(1, C)
+        def launch(mode: int, smod: int, need_dx: bool, c1: Tensor | None = None,
+                   c2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            # One program per row; partial parameter gradients per row, [R, K].
+            pdw = torch.empty(R, K, device=dev, dtype=f32)
+            pdb = torch.empty_like(pdw)
+            _row_backward_kernel[(R,)](
+                dy, xc, de if de is not None else dy, dx if dx is not None else dy, w, b, mean,
+                invstd, c1 if c1 is not None else invstd, c2 if c2 is not None else invstd, pdw,
+                pdb, K, S, Gp, smod, CENTER=layout.center, MODE=mode,
+                NEED_DX=need_dx and dx is not None, HAS_EXTRA=de is not None, **common)
+            return pdw, pdb
+
+        if plan.kind == "row":
+            dw, db = launch(0 if batch_stats else 1, R, True)
+        elif plan.kind == "row_fixed":
+            dw, db = launch(1, d["smod"], True)
+        else:  # bn_rows: per-row sums, reduced per channel, then the batch-stat projection
+            N, C = d["N"], d["C"]
+            pdw, pdb = launch(1, C, False)
+            dw, db, c1, c2 = (torch.empty(C, device=dev, dtype=f32) for _ in range(4))
+            _bn_grad_sums_kernel[(C,)](pdw, pdb, w, dw, db, c1, c2, N, C, 1.0 / (N * S),
+                                       BLOCK_N=min(1024, triton.next_power_of_2(N)))
+            if dx is not None:
+                launch(2, C, True, c1, c2)
     # Stage 2 of the parameter gradients: a fixed-order sum over programs or samples.
     gw, gb = dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
     grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \

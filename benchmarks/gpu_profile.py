@@ -1,0 +1,90 @@
+"""Where the time of a normlab op goes on a GPU: host (Python) time per call and each kernel's
+device time, side by side with torch.nn (and Liger where installed).
+
+    python benchmarks/gpu_profile.py            # on a machine with a CUDA device
+
+For each case it prints: host microseconds per call with no synchronization (what bounds small
+shapes: launches are asynchronous, so a call cannot finish faster than its Python), wall time
+per call synchronized, and the profiler's device time per kernel. Not a test.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import normlab
+from normlab import bench
+
+
+def _step(module: nn.Module, inputs: list[torch.Tensor]):
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    params = [p for p in module.parameters() if p.requires_grad]
+    with torch.no_grad():
+        out = module(*inputs)
+    grad = torch.randn_like(out[0] if isinstance(out, tuple) else out)
+
+    def run() -> None:
+        out = module(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.autograd.grad(out, [*leaves, *params], grad)
+
+    return run
+
+
+def _host_and_wall(fn, n: int = 50) -> tuple[float, float]:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n
+    return host * 1e6, wall * 1e6
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    cases = [
+        ("layer_norm", (4096, 1024), False), ("layer_norm", (4096, 16384), False),
+        ("rms_norm", (4096, 16384), False), ("add_rms_norm", (4096, 16384), False),
+        ("batch_norm", (32, 64, 56, 56), False), ("batch_norm", (128, 256, 56, 56), False),
+        ("group_norm", (128, 256, 56, 56), False),
+    ]
+    print(torch.cuda.get_device_name(), torch.__version__, normlab.__version__)
+    for kind, shape, cl in cases:
+        case = next(c for c in bench._cases(False, [kind], gpu=True)
+                    if tuple(c.shape) == shape and c.channels_last == cl)
+        c = shape[-1] if kind in bench._ROW_KINDS else shape[1]
+        inputs = bench._make_inputs(case, dev, torch.float32, 0)
+        for provider in ("normlab", "torch", "liger"):
+            try:
+                module = case.build(provider, dev, torch.float32, c)
+            except Exception as e:
+                print(f"  {provider}: unavailable ({e})")
+                continue
+            if module is None:
+                continue
+            fn = _step(module, inputs)
+            host, wall = _host_and_wall(fn)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn()
+                torch.cuda.synchronize()
+            kern = sorted(((e.key, e.device_time_total / 5, e.count // 5)
+                           for e in prof.key_averages() if e.device_time_total > 0),
+                          key=lambda t: -t[1])
+            total = sum(k[1] for k in kern)
+            print(f"{kind} {'x'.join(map(str, shape))} {provider}: host {host:.0f} us/call, "
+                  f"wall {wall:.0f} us/call, device {total:.0f} us/call")
+            for name, us, count in kern[:8]:
+                print(f"    {us:9.1f} us  x{count}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
