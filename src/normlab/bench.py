@@ -163,7 +163,9 @@ def _liger_module(kind: str, c: int) -> nn.Module | None:
     if kind == "add_rms_norm":
         return liger.LigerFusedAddRMSNorm(c)
     if kind == "group_norm":
-        return liger.LigerGroupNorm(c, 32, eps=1e-5, bias=True)
+        from liger_kernel.transformers.group_norm import LigerGroupNorm  # not re-exported
+
+        return LigerGroupNorm(c, 32, eps=1e-5, bias=True)
     return None
 
 

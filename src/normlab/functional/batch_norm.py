@@ -94,6 +94,13 @@ def commit_running_stats(
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             return False
     with torch.no_grad():
+        if running_mean.dtype == running_var.dtype == mean.dtype == var.dtype and \
+                running_mean.dtype not in (torch.float16, torch.bfloat16):
+            # The common case in place: three small ops instead of ten (each costs tens of
+            # microseconds of host time per training step on a GPU).
+            running_mean.lerp_(mean.reshape(-1), momentum)
+            running_var.lerp_(var.reshape(-1) * (count / max(count - 1, 1)), momentum)
+            return True
         new_mean, new_var = updated_running_stats(
             running_mean, running_var, mean, var, count, momentum
         )

@@ -69,9 +69,17 @@ def _param(p: Tensor | None, n: int, cdtype: torch.dtype, fill: float,
 
 def _channels_last(x: Tensor, nchan: int = 1) -> bool:
     """True if the `nchan` dims after the batch dim are innermost and the tensor is dense."""
-    src = tuple(range(1, 1 + nchan))
-    dst = tuple(range(x.dim() - nchan, x.dim()))
-    return x.movedim(src, dst).is_contiguous()
+    # From the strides (a movedim + is_contiguous costs ~20 us of host time per call): dense in
+    # the order (batch, spatial..., channel dims...), size-1 dims ignored as torch does.
+    nd = x.dim()
+    order = (0, *range(1 + nchan, nd), *range(1, 1 + nchan))
+    expected = 1
+    for d in reversed(order):
+        size = x.shape[d]
+        if size != 1 and x.stride(d) != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _like(x: Tensor, t: Tensor) -> Tensor:
