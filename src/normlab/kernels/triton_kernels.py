@@ -404,8 +404,10 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
                                        BLOCK_N=min(1024, triton.next_power_of_2(N)))
             if dx is not None:
                 launch(2, C, True, c1, c2)
-    # Stage 2 of the parameter gradients: a fixed-order sum over programs or samples.
-    gw, gb = dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
+    if plan.kind == "bn_rows":  # already summed per channel
+        gw, gb = dw, db
+    else:  # stage 2 of the parameter gradients: a fixed-order sum over programs or samples
+        gw, gb = dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
     grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
         else None
     return dx, grad_weight, gb if needs[2] else None
