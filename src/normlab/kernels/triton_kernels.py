@@ -8,7 +8,8 @@ values over registers, accumulated in float32 for float16/bfloat16/float32 input
 Parameter gradients use a two-stage reduction: stage 1 writes per-program (layer/RMS norm: a
 block of rows) or per-row-and-channel (group/instance norm) partial sums, stage 2 sums them in a
 fixed order, so results are deterministic (no atomics). Batch norm on NCHW merges per-row moments
-with Chan's formula between the kernels. Channels-last layouts, float64 and rows longer than
+with Chan's formula in a small kernel between the two sweeps. Channels-last layouts run the
+column kernels of :mod:`normlab.kernels.triton_columns`; float64 and rows longer than
 ``_MAX_TILE`` elements use the reference path.
 
 Tested on the CPU with ``TRITON_INTERPRET=1`` (small shapes: the interpreter is slow).
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from normlab.kernels import cpu
+from normlab.kernels import cpu, triton_columns
 
 __all__ = ["backward", "forward", "supported"]
 
@@ -288,9 +289,19 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     if not supported(x):
         return None
     plan = cpu._plan(op, x, layout, stats is not None)
-    if plan is None or plan.kind == "col" or (residual is not None and plan.kind != "row"):
+    if plan is None or (residual is not None and plan.kind != "row"):
         return None
     d = plan.dims
+    if plan.kind == "col":  # channels_last: the column kernels
+        f32, dev = torch.float32, str(x.device)
+        w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
+        b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
+        given = None
+        if stats is not None:
+            mean, var = (t.to(f32, copy=True) for t in stats)
+            given = (mean, var, (var + eps).rsqrt())
+        return triton_columns.col_forward(plan.x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
+                                          plan.stats_shape, given, act)
     K, S = d.get("K", 1), d["S"]
     blocks = _blocks(K, S)
     if blocks is None:
@@ -346,9 +357,19 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
     if not supported(x):
         return None
     plan = cpu._plan(op, x, layout, not batch_stats)
-    if plan is None or plan.kind == "col":
+    if plan is None:
         return None
     d = plan.dims
+    if plan.kind == "col":
+        f32, dev = torch.float32, str(x.device)
+        w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
+        b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
+        dx, gw, gb = triton_columns.col_backward(grad_out, plan.x, w, b, mean, invstd, d["O"],
+                                                 d["P"], d["C"], d["G"], batch_stats, needs[0],
+                                                 act)
+        grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
+            else None
+        return dx, grad_weight, gb if needs[2] else None
     K, S = d.get("K", 1), d["S"]
     blocks = _blocks(K, S)
     if blocks is None:
