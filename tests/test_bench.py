@@ -66,3 +66,20 @@ def test_bench_keep_freed_memory_is_recorded(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["meta"]["keep_freed_memory"] is True
     assert "freed" in proc.stdout.split("┏")[0]  # said in the title
+
+
+def test_bench_gpu_cases_add_shapes_past_the_l2() -> None:
+    cpu_shapes = {(c.name, c.shape) for c in bench._cases(False, None)}
+    gpu_shapes = {(c.name, c.shape) for c in bench._cases(False, None, gpu=True)}
+    assert cpu_shapes < gpu_shapes
+    added = gpu_shapes - cpu_shapes
+    assert ("rms_norm", (4096, 16384)) in added and ("group_norm", (128, 256, 56, 56)) in added
+    # quick runs stay small on every device
+    assert {c.shape for c in bench._cases(True, None, gpu=True)} == {(256, 512), (4, 64, 16, 16)}
+
+
+def test_bench_liger_is_cuda_only_and_optional() -> None:
+    (case,) = [c for c in bench._cases(True, ["rms_norm"])]
+    assert case.build("liger", torch.device("cpu"), torch.float32, 512) is None
+    # without Liger installed the factory says so instead of raising
+    assert bench._liger_module("batch_norm", 64) is None
