@@ -39,6 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from normlab.kernels import cpu
+from normlab.kernels.triton_activations import act_fwd, act_grad
 
 __all__ = ["col_backward", "col_forward"]
 
@@ -48,31 +49,6 @@ _BLOCK_C = 128      # widest channel block (512 contiguous bytes per row in floa
 _PROGRAMS = 2048    # chunks are sized so the chunked kernels launch about this many programs
 _MERGE_TILE = 2048  # elements of one merge tile (chunks x channels)
 _MERGE_CH = 8       # channels per merge program (at least one whole group)
-
-
-@triton.jit
-def _act_fwd(z, ACT: tl.constexpr):
-    # Same as triton_kernels._act_fwd (copied: that module imports this one).
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = z * tl.sigmoid(z)
-    elif ACT == 3:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return z
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    if ACT == 1:
-        g = tl.where(z > 0.0, 1.0, 0.0)
-    elif ACT == 2:
-        s = tl.sigmoid(z)
-        g = s * (1.0 + z * (1.0 - s))
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    return g
 
 
 @triton.jit
@@ -212,7 +188,7 @@ def _normalize_kernel(
         offs = (o * P + p)[:, None] * C + c[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean[None, :]) * a[None, :] + b[None, :]
-        tl.store(Y + offs, _act_fwd(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + offs, act_fwd(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -246,7 +222,7 @@ def _bwd_sums_kernel(
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         if ACT != 0:
-            dy = dy * _act_grad(x_hat * w[None, :] + b[None, :], ACT)
+            dy = dy * act_grad(x_hat * w[None, :] + b[None, :], ACT)
         acc_d += dy
         acc_dx += dy * x_hat
     out = (o * nchunk + j) * C + c
@@ -346,7 +322,7 @@ def _bwd_dx_kernel(
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             x_hat = (x - mean[None, :]) * rstd[None, :]
             if ACT != 0:
-                dy = dy * _act_grad(x_hat * w[None, :] + b[None, :], ACT)
+                dy = dy * act_grad(x_hat * w[None, :] + b[None, :], ACT)
             dx = a[None, :] * dy
             if BATCH:
                 dx = dx + c0[None, :] + c2[None, :] * x_hat

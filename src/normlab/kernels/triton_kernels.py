@@ -27,35 +27,11 @@ import triton.language as tl
 from torch import Tensor
 
 from normlab.kernels import cpu, triton_columns
+from normlab.kernels.triton_activations import act_fwd, act_grad
 
 __all__ = ["backward", "forward", "supported"]
 
 _MAX_TILE = 1 << 16
-_ACT = cpu.ACTIVATIONS
-
-
-@triton.jit
-def _act_fwd(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.maximum(z, 0.0)
-    elif ACT == 2:
-        z = z * tl.sigmoid(z)
-    elif ACT == 3:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    return z
-
-
-@triton.jit
-def _act_grad(z, ACT: tl.constexpr):
-    if ACT == 1:
-        g = tl.where(z > 0.0, 1.0, 0.0)
-    elif ACT == 2:
-        s = tl.sigmoid(z)
-        g = s * (1.0 + z * (1.0 - s))
-    else:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    return g
 
 
 @triton.jit
@@ -103,7 +79,7 @@ def _row_forward_kernel(
         w = tl.load(W + pidx, mask=k < K, other=0.0)
         b = tl.load(B + pidx, mask=k < K, other=0.0)
         z = d * rstd * w[:, None] + b[:, None]
-        tl.store(Y + offs, _act_fwd(z, ACT).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y + offs, act_fwd(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -140,7 +116,7 @@ def _row_backward_kernel(
     w = tl.load(W + pidx, mask=kmask, other=0.0)
     if ACT != 0:
         b = tl.load(B + pidx, mask=kmask, other=0.0)
-        dy = tl.where(mask, dy * _act_grad(x_hat * w[:, None] + b[:, None], ACT), 0.0)
+        dy = tl.where(mask, dy * act_grad(x_hat * w[:, None] + b[:, None], ACT), 0.0)
     tl.store(DW + r * K + k, tl.sum(dy * x_hat, 1), mask=kmask)
     tl.store(DB + r * K + k, tl.sum(dy, 1), mask=kmask)
     if NEED_DX:
@@ -193,7 +169,7 @@ def _vec_backward_kernel(
         else:
             x_hat = x * rstd
         if ACT != 0:
-            dy = tl.where(mask, dy * _act_grad(x_hat * w + b, ACT), 0.0)
+            dy = tl.where(mask, dy * act_grad(x_hat * w + b, ACT), 0.0)
         acc_dw += dy * x_hat
         acc_db += dy
         if NEED_DX:
