@@ -88,3 +88,47 @@ def test_fused_batch_norm_act_refuses_nonfinite_batches_too():
     with pytest.warns(RuntimeWarning, match="were not updated"):
         m(x)
     assert m.num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize(("make", "shape"), [
+    (lambda: nnl.BatchNorm1d(3, on_nonfinite="mask"), (4, 3, 5)),
+    (lambda: nnl.BatchNormAct2d(3, activation="relu", on_nonfinite="mask"), (4, 3, 5, 2)),
+    (lambda: nnl.BatchRenorm1d(3, on_nonfinite="mask"), (4, 3, 5)),
+    (lambda: nnl.GhostBatchNorm1d(3, virtual_batch_size=2, on_nonfinite="mask"), (4, 3, 5)),
+])
+def test_mask_drops_a_nonfinite_batch_silently_and_matches_error_on_finite_ones(make, shape,
+                                                                                recwarn):
+    m = make()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out = m(_poisoned(shape))
+    assert torch.isnan(out[:, 1]).any()  # the output still carries the NaN
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k  # buffers and counter untouched
+    assert not [w for w in recwarn if "not updated" in str(w.message)]
+    # On finite batches "mask" commits exactly what the default does.
+    ref = make()
+    ref.on_nonfinite = "error"
+    for seed in range(3):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert m.num_batches_tracked.item() == 3
+
+
+def test_mask_reads_nothing_back_from_the_device():
+    # Meta tensors have no values: any host read-back (bool(), .item()) raises, as a device sync
+    # would stall a GPU. The default policy reads one scalar back; "mask" reads none.
+    x = torch.randn(4, 3, 5, 5, device="meta")
+    masked = nnl.BatchNorm2d(3, on_nonfinite="mask").to("meta")
+    masked(x)
+    assert masked.num_batches_tracked.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):
+        nnl.BatchNorm2d(3).to("meta")(x)
+
+
+def test_mask_saturates_half_precision_buffers():
+    m = nnl.BatchNorm1d(2, on_nonfinite="mask").half()
+    x = torch.tensor([[6e4, 0.0], [-6e4, 1.0]], dtype=torch.float16)
+    m(x)
+    assert torch.isfinite(m.running_var).all() and m.num_batches_tracked.item() == 1

@@ -23,6 +23,7 @@ __all__ = [
     "check_batch_norm_args",
     "check_values_per_channel",
     "commit_running_stats",
+    "count_batch",
     "updated_running_stats",
 ]
 
@@ -55,7 +56,7 @@ def updated_running_stats(
     return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
-NONFINITE_POLICIES = ("error", "skip", "commit")
+NONFINITE_POLICIES = ("error", "skip", "commit", "mask")
 
 
 def commit_running_stats(
@@ -67,15 +68,19 @@ def commit_running_stats(
     count: int,
     momentum: float,
     on_nonfinite: str = "error",
-) -> bool:
+) -> bool | Tensor:
     """Fold one batch's statistics into the running buffers, in place; returns whether it did.
 
     A batch whose statistics are NaN or infinite would poison the running estimates for every
     later evaluation, so by default it is refused before anything changes (`on_nonfinite`:
     "error" raises naming the channels, "skip" warns and leaves the buffers alone, "commit" keeps
-    torch's behaviour). Low-precision buffers saturate at their dtype's largest value instead of
-    overflowing to inf.
+    torch's behaviour, "mask" leaves the buffers alone silently and without reading anything back
+    from the device: the update is selected on the device and the return value is that 0-dim
+    bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their dtype's largest
+    value instead of overflowing to inf.
     """
+    if on_nonfinite == "mask":
+        return _commit_masked(running_mean, running_var, mean, var, count, momentum)
     # One scalar check on the common path; the per-channel search only runs on a bad batch.
     if on_nonfinite != "commit" and not bool(torch.isfinite(mean.sum() + var.sum())):
         bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
@@ -112,6 +117,32 @@ def commit_running_stats(
     return True
 
 
+@torch.no_grad()
+def _commit_masked(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                   count: int, momentum: float) -> Tensor:
+    # No host read-back (on a GPU that would be a synchronization every training step): the
+    # finiteness flag stays on the device and selects between the new and the old values.
+    ok = torch.isfinite(mean.sum() + var.sum())
+    new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
+    for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
+        if buffer.dtype in (torch.float16, torch.bfloat16):
+            limit = torch.finfo(buffer.dtype).max
+            new = new.clamp(-limit, limit)
+        buffer.copy_(torch.where(ok, new, buffer))
+    return ok
+
+
+def count_batch(num_batches_tracked: Tensor | None, committed: bool | Tensor) -> None:
+    """Advance a module's batch counter by one batch whose statistics went in: by the device
+    flag itself under ``on_nonfinite="mask"`` (never read back), else when `committed` is true."""
+    if num_batches_tracked is None:
+        return
+    if isinstance(committed, Tensor):
+        num_batches_tracked.add_(committed.to(num_batches_tracked.dtype))
+    elif committed:
+        num_batches_tracked.add_(1)
+
+
 def check_values_per_channel(op: str, input: Tensor) -> int:
     """Values per channel of an (N, C, *) batch; raises if training would divide by zero."""
     count = input.numel() // input.shape[1] if input.shape[1] else 0
@@ -143,7 +174,8 @@ def batch_norm(
 
     Args:
         on_nonfinite: what to do with running statistics when a training batch has NaN/inf
-            statistics: "error" (default), "skip" (warn, keep the buffers) or "commit" (torch).
+            statistics: "error" (default), "skip" (warn, keep the buffers), "commit" (torch) or
+            "mask" (keep the buffers silently, with no device read-back: no GPU synchronization).
             The output always carries the non-finite values; they are never masked.
 
     Raises:
@@ -167,7 +199,7 @@ def batch_norm_with_status(
     momentum: float,
     eps: float,
     on_nonfinite: str = "error",
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, bool | Tensor]:
     """:func:`batch_norm`, also saying whether the running statistics were updated."""
     op = "batch_norm"
     layout = check_batch_norm_args(

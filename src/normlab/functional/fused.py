@@ -368,7 +368,7 @@ def batch_norm_act_with_status(
     eps: float,
     activation: str | None,
     on_nonfinite: str = "error",
-) -> tuple[Tensor, bool]:
+) -> tuple[Tensor, bool | Tensor]:
     """:func:`batch_norm_act`, also saying whether the running statistics were updated."""
     op = "batch_norm_act"
     _check_activation(op, activation)

@@ -12,7 +12,7 @@ __all__ = ["act_fwd", "act_grad"]
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu (max may drop it)
     elif ACT == 2:
         z = z * tl.sigmoid(z)
     elif ACT == 3:

@@ -22,7 +22,11 @@ from torch.nn import Module, Parameter, init
 
 from normlab import functional as F
 from normlab.functional import _validate as v
-from normlab.functional.batch_norm import batch_norm_with_status, check_nonfinite_policy
+from normlab.functional.batch_norm import (
+    batch_norm_with_status,
+    check_nonfinite_policy,
+    count_batch,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -195,9 +199,7 @@ class _BatchNorm(_NormBase):
             self.eps,
         )
         # The counter moves only once the statistics are in: a rejected call changes no state.
-        if committed:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked.add_(1)
+        count_batch(self.num_batches_tracked, committed)
         return out
 
 
@@ -215,7 +217,9 @@ class BatchNorm1d(_BatchNorm):
         bias: learnable beta when ``affine`` (keyword-only, as in torch).
         on_nonfinite: a training batch whose statistics are NaN/inf is refused with an error
             ("error", default; the buffers and counter stay as they were), dropped from the
-            running statistics with a warning ("skip"), or committed as torch does ("commit").
+            running statistics with a warning ("skip"), committed as torch does ("commit"), or
+            dropped silently without reading anything back from the device ("mask": no GPU
+            synchronization per training step; the counter advances by the device flag).
 
     Shape:
         Input (N, C) or (N, C, L); output the same.

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from normlab.functional import _validate as v
 from normlab.functional._normalize import Layout, normalize
-from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats
+from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats, count_batch
 from normlab.nn.batchnorm import _BatchNorm
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -97,13 +97,13 @@ class _GhostBatchNorm(_BatchNorm):
             outs.append(out)
             stats.append((mean, var, rest * per_sample))
         # The counter moves only once the statistics are in: a rejected call changes no state.
-        if update and self._commit_running_stats(stats, momentum):
-            self.num_batches_tracked.add_(1)
+        if update:
+            count_batch(self.num_batches_tracked, self._commit_running_stats(stats, momentum))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
     def _commit_running_stats(self, stats: list[tuple[Tensor, Tensor, int]], momentum: float
-                              ) -> bool:
+                              ) -> bool | Tensor:
         """Average of the per-chunk batch norm updates; returns whether the buffers changed.
 
         The update is linear in the batch statistics, so the average of the chunks' updates is

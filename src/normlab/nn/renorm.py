@@ -37,6 +37,7 @@ from normlab.functional.batch_norm import (
     batch_norm_layout,
     check_values_per_channel,
     commit_running_stats,
+    count_batch,
 )
 from normlab.functional.moments import moments
 from normlab.nn.batchnorm import _BatchNorm
@@ -177,11 +178,11 @@ class _BatchRenorm(_BatchNorm):
         out, _, _ = normalize(input, eff_weight, eff_bias, "batch_norm", layout, self.eps)
         # The paper's order: r and d above used the running statistics from before this batch.
         # The counter moves only once the statistics are in: a rejected call changes no state.
-        if commit_running_stats(
+        committed = commit_running_stats(
             name, self.running_mean, self.running_var, mean, var, count, momentum,
             self.on_nonfinite,
-        ):
-            self.num_batches_tracked.add_(1)
+        )
+        count_batch(self.num_batches_tracked, committed)
         return out
 
     def extra_repr(self) -> str:

@@ -34,7 +34,7 @@ from torch.nn import Module
 from normlab.distributed import all_gather_moments, all_reduce_sum, is_distributed
 from normlab.functional import _validate as v
 from normlab.functional._normalize import normalize_forward
-from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats
+from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats, count_batch
 from normlab.functional.moments import Moments, moments
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 
@@ -216,10 +216,8 @@ class SyncBatchNorm(_BatchNorm):
         )
         n = int(count)
         # Global statistics are the same on every rank, so every rank takes the same decision.
-        if (
-            self.track_running_stats
-            and n > 0
-            and commit_running_stats(
+        if self.track_running_stats and n > 0:
+            committed = commit_running_stats(
                 type(self).__name__,
                 self.running_mean,
                 self.running_var,
@@ -229,8 +227,7 @@ class SyncBatchNorm(_BatchNorm):
                 self._next_momentum(),
                 self.on_nonfinite,
             )
-        ):
-            self.num_batches_tracked.add_(1)
+            count_batch(self.num_batches_tracked, committed)
         return out
 
     @classmethod

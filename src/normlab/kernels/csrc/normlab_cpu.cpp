@@ -149,7 +149,7 @@ inline double erf_(double x) { return std::erf(x); }
 
 template <int ACT, class A> inline A act_fwd(A z) {
   if constexpr (ACT == ACT_RELU) {
-    return z > A(0) ? z : A(0);
+    return z < A(0) ? A(0) : z;  // NaN stays NaN, as torch.relu (a max instruction would drop it)
   } else if constexpr (ACT == ACT_SILU) {
     return z / (A(1) + exp_(-z));
   } else if constexpr (ACT == ACT_GELU) {
