@@ -12,7 +12,9 @@ with Chan's formula in a small kernel between the two sweeps. Channels-last layo
 column kernels of :mod:`normlab.kernels.triton_columns`; float64 and rows longer than
 ``_MAX_TILE`` elements use the reference path.
 
-Tested on the CPU with ``TRITON_INTERPRET=1`` (small shapes: the interpreter is slow).
+Tested on the CPU with ``TRITON_INTERPRET=1`` (small shapes: the interpreter is slow); checked and
+timed on an H100 with ``benchmarks/gpu_check.py`` and ``normlab bench --device cuda`` (numbers in
+``benchmarks/gpu_notes.md``).
 """
 
 from __future__ import annotations
