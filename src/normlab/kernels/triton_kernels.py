@@ -34,6 +34,10 @@ from normlab.kernels.triton_activations import act_fwd, act_grad
 __all__ = ["backward", "forward", "supported"]
 
 _MAX_TILE = 1 << 16
+# Training backward of rows whose tile exceeds _LOOP_TILE elements sweeps them in chunks of about
+# _LOOP_CHUNK elements (module-level so tests can shrink them).
+_LOOP_TILE = 8192
+_LOOP_CHUNK = 2048
 
 
 @triton.jit
@@ -137,6 +141,66 @@ def _row_backward_kernel(
         if HAS_EXTRA:
             dx += tl.load(DEXTRA + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _row_backward_looped_kernel(
+    DY, X, DX,                 # [R, K, S] contiguous
+    W, B, MEAN, RSTD,          # parameters [Gp * K]; statistics [R]
+    DW, DB,                    # per-row partial parameter gradients [R, K]
+    K, S, Gp,
+    CENTER: tl.constexpr, NEED_DX: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK_S: tl.constexpr,
+):
+    # Group/instance norm in training on rows too long for one tile in registers: a 32-warp
+    # program holding a 32K-element tile is capped at 64 registers per thread and spills (ptxas
+    # for sm_90). Two sweeps of CHUNK_S columns instead: the sums, then dx from the re-read row.
+    r = tl.program_id(0).to(tl.int64)
+    L = K * S
+    k = tl.arange(0, BLOCK_K)
+    kmask = k < K
+    pidx = (r % Gp) * K + k
+    w = tl.load(W + pidx, mask=kmask, other=0.0)
+    if ACT != 0:
+        b = tl.load(B + pidx, mask=kmask, other=0.0)
+    rstd = tl.load(RSTD + r)
+    if CENTER:
+        mean = tl.load(MEAN + r)
+    else:
+        mean = 0.0
+    acc_dw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for s0 in range(0, S, CHUNK_S):
+        s = s0 + tl.arange(0, CHUNK_S)
+        mask = kmask[:, None] & (s < S)[None, :]
+        offs = r * L + k[:, None] * S + s[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        if ACT != 0:
+            dy = tl.where(mask, dy * act_grad(x_hat * w[:, None] + b[:, None], ACT), 0.0)
+        acc_dw += tl.sum(dy * x_hat, 1)
+        acc_db += tl.sum(dy, 1)
+    tl.store(DW + r * K + k, acc_dw, mask=kmask)
+    tl.store(DB + r * K + k, acc_db, mask=kmask)
+    if NEED_DX:
+        # mean(g) and mean(g * x_hat) over the row, g = w * dy', from the per-channel sums.
+        c2 = tl.sum(w * acc_dw, 0) / L
+        if CENTER:
+            c1 = tl.sum(w * acc_db, 0) / L
+        else:
+            c1 = 0.0
+        for s0 in range(0, S, CHUNK_S):
+            s = s0 + tl.arange(0, CHUNK_S)
+            mask = kmask[:, None] & (s < S)[None, :]
+            offs = r * L + k[:, None] * S + s[None, :]
+            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x_hat = (x - mean) * rstd
+            if ACT != 0:
+                dy = dy * act_grad(x_hat * w[:, None] + b[:, None], ACT)
+            dx = rstd * (dy * w[:, None] - c1 - x_hat * c2)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -391,7 +455,16 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
                 NEED_DX=need_dx and dx is not None, HAS_EXTRA=de is not None, **common)
             return pdw, pdb
 
-        if plan.kind == "row":
+        if plan.kind == "row" and batch_stats and de is None and \
+                blocks[0] * blocks[1] > _LOOP_TILE:
+            dw = torch.empty(R, K, device=dev, dtype=f32)
+            db = torch.empty_like(dw)
+            chunk = max(1, min(blocks[1], _LOOP_CHUNK // blocks[0]))
+            _row_backward_looped_kernel[(R,)](
+                dy, xc, dx if dx is not None else dy, w, b, mean, invstd, dw, db, K, S, Gp,
+                CENTER=layout.center, NEED_DX=dx is not None, ACT=act, BLOCK_K=blocks[0],
+                CHUNK_S=chunk, num_warps=_warps((blocks[0], chunk)))
+        elif plan.kind == "row":
             dw, db = launch(0 if batch_stats else 1, R, True)
         elif plan.kind == "row_fixed":
             dw, db = launch(1, d["smod"], True)
