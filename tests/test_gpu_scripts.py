@@ -1,0 +1,35 @@
+"""The GPU check script runs end to end on this CPU-only machine (Triton's interpreter), so it
+cannot rot between the sessions that lend a GPU: every Triton-backed module through the public
+API against the float64 reference, with the Triton kernels selected for CPU tensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_dry_run_passes_and_uses_the_triton_kernels(tmp_path) -> None:
+    out = tmp_path / "check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--quick",
+         "--dtypes", "float32", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+
+    records = json.loads(out.read_text())["records"]
+    assert len(records) == 28 and all(r["ok"] for r in records)
+    # every case went through Triton (forward and backward), channels_last included
+    assert all(r["triton_calls"] >= 2 for r in records)
