@@ -132,3 +132,16 @@ def test_mask_saturates_half_precision_buffers():
     x = torch.tensor([[6e4, 0.0], [-6e4, 1.0]], dtype=torch.float16)
     m(x)
     assert torch.isfinite(m.running_var).all() and m.num_batches_tracked.item() == 1
+
+
+def test_huge_but_finite_statistics_are_not_mistaken_for_nonfinite():
+    # Per-channel variances near 1e35 are finite (and far from overflowing their own sums), but
+    # 8192 of them sum past float32's largest value: a healthy batch that a check on the sum of
+    # the statistics alone would refuse.
+    m = nnl.BatchNorm1d(8192)
+    x = torch.randn(32, 8192, generator=torch.Generator().manual_seed(0)) * 3e17
+    out = m(x)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(m.running_var).all() and m.num_batches_tracked.item() == 1
+    assert m.running_var.min() > 1e33
+    assert not torch.isfinite(x.var(0).sum())  # the premise: the batch variances' sum overflows

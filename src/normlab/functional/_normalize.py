@@ -156,11 +156,15 @@ class _Normalize(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
+        # mean and var never receive gradients: no zero tensors built for them in every backward
+        ctx.set_materialize_grads(False)
         return out, mean, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_out: Tensor | None, _gm: Any, _gv: Any) -> tuple[Any, ...]:
+        if grad_out is None:
+            return (None,) * 8
         x, weight, mean, invstd = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         grad_input, grad_weight, grad_bias = ctx.kernel.backward(

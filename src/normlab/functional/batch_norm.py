@@ -82,7 +82,7 @@ def commit_running_stats(
     if on_nonfinite == "mask":
         return _commit_masked(running_mean, running_var, mean, var, count, momentum)
     # One scalar check on the common path; the per-channel search only runs on a bad batch.
-    if on_nonfinite != "commit" and not bool(torch.isfinite(mean.sum() + var.sum())):
+    if on_nonfinite != "commit" and _nonfinite_probe(mean, var).item() != 0:
         bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
         if bool(bad.any()):
             channels = bad.nonzero().flatten().tolist()
@@ -117,12 +117,20 @@ def commit_running_stats(
     return True
 
 
+def _nonfinite_probe(mean: Tensor, var: Tensor) -> Tensor:
+    """0 when every statistic is finite, NaN otherwise: m - m + v - v is exactly 0 for finite
+    values and NaN for inf or NaN, and a sum of zeros cannot overflow (a sum of the statistics
+    themselves can, sending a healthy batch with very large activations down the per-channel
+    search). Five small ops where isfinite of a sum took eight."""
+    return (mean - mean).add_(var).sub_(var).sum()
+
+
 @torch.no_grad()
 def _commit_masked(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                    count: int, momentum: float) -> Tensor:
     # No host read-back (on a GPU that would be a synchronization every training step): the
     # finiteness flag stays on the device and selects between the new and the old values.
-    ok = torch.isfinite(mean.sum() + var.sum())
+    ok = _nonfinite_probe(mean, var) == 0
     new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
     for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
         if buffer.dtype in (torch.float16, torch.bfloat16):

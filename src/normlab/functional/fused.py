@@ -205,11 +205,14 @@ class _NormAct(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # as _Normalize: no zero grads for mean and var
         return out, mean, var
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor, _gm: Any, _gv: Any) -> tuple[Any, ...]:
+    def backward(ctx: Any, grad_out: Tensor | None, _gm: Any, _gv: Any) -> tuple[Any, ...]:
+        if grad_out is None:
+            return (None,) * 9
         x, weight, bias, mean, invstd = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         grad_input, grad_weight, grad_bias = ctx.kernel.backward(
