@@ -31,7 +31,7 @@ for phase in $phases; do
   start=$(date +%s)
   echo "=== $phase" >> "$log"
   case $phase in
-    check) timeout 75 python3 benchmarks/gpu_check.py --dtypes float32 bfloat16 \
+    check) timeout 120 python3 benchmarks/gpu_check.py --dtypes float32 bfloat16 \
              --json "$OUT/check.json" >> "$log" 2>&1; echo "check rc=$?"
            grep -E "^FAIL|passed" "$log" ;;
     bench) timeout 150 python3 -m normlab.bench --device cuda --min-time 0.02 --repeats 5 \
