@@ -376,3 +376,28 @@ def test_import_compiles_nothing(tmp_path) -> None:
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_channels_last_check_from_strides_matches_movedim() -> None:
+    # The stride walk that replaced `x.movedim(channels, last).is_contiguous()` (host time per
+    # call) must agree with it on every dim order, size-1 dims and non-dense views included.
+    import itertools
+
+    from normlab.kernels.cpu import _channels_last
+
+    def by_movedim(x: torch.Tensor, nchan: int) -> bool:
+        src = tuple(range(1, 1 + nchan))
+        return x.movedim(src, tuple(range(x.dim() - nchan, x.dim()))).is_contiguous()
+
+    checked = 0
+    for shape in [(2, 3, 4, 5), (1, 3, 1, 1), (2, 1, 4, 5), (2, 3, 1, 5), (3, 4, 5),
+                  (2, 3, 4, 5, 6), (1, 1, 1, 1), (4, 6, 2, 3, 3)]:
+        base = torch.randn(shape)
+        for perm in itertools.permutations(range(len(shape))):
+            inverse = [perm.index(i) for i in range(len(shape))]
+            y = base.permute(perm).contiguous().permute(inverse)
+            for t in (y, y[..., ::2]):
+                for nchan in (1, 2):
+                    assert _channels_last(t, nchan) == by_movedim(t, nchan), (shape, perm, nchan)
+                    checked += 1
+    assert checked > 1000

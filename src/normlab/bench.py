@@ -8,7 +8,7 @@ round so that machine noise hits all of them alike, and the median of the rounds
 * ``reference``: the same module on the plain-torch reference path (``use_reference()``);
 * ``torch``: the ``torch.nn`` twin in eager mode (for fused cases, the eager chain of modules);
 * ``compile``: ``torch.compile`` of the ``torch.nn`` twin (``--compile``; compiling is slow);
-* ``liger``: Liger-Kernel's layer/RMS norm, on CUDA when it is installed;
+* ``liger``: Liger-Kernel's layer, RMS, fused add+RMS and group norm, on CUDA when installed;
 * ``copy``: an out-of-place copy of the input, the memory-bandwidth ceiling a memory-bound op
   can approach.
 
