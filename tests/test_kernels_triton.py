@@ -7,30 +7,18 @@ GPU. Shapes stay small: the interpreter is slow.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-
 import pytest
 import torch
 
+from interpreter import interpreted
 from normlab.functional import fused
 from normlab.functional._normalize import Layout
 from normlab.kernels import cpu
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("these are interpreter tests for CPU-only machines", allow_module_level=True)
-# Triton reads the switch when it is first imported, so set it before anything imports triton.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 @pytest.fixture(scope="module")
 def tk():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("TRITON_INTERPRET is set to something other than 1")
-    return importlib.import_module("normlab.kernels.triton_kernels")
+    return interpreted("normlab.kernels.triton_kernels")
 
 
 ACT_NAMES = [None, "relu", "silu", "gelu"]

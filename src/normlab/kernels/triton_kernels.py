@@ -144,6 +144,18 @@ def _row_backward_kernel(
 
 
 @triton.jit
+def _load_chunk(X, DY, row_start, k, kmask, s0, S, CHUNK_S: tl.constexpr):
+    # Columns [s0, s0 + CHUNK_S) of every channel k of one [K, S] row: x and dy in float32, with
+    # their offsets and mask for the store that follows.
+    s = s0 + tl.arange(0, CHUNK_S)
+    mask = kmask[:, None] & (s < S)[None, :]
+    offs = row_start + k[:, None] * S + s[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, dy, offs, mask
+
+
+@triton.jit
 def _row_backward_looped_kernel(
     DY, X, DX,                 # [R, K, S] contiguous
     W, B, MEAN, RSTD,          # parameters [Gp * K]; statistics [R]
@@ -171,11 +183,7 @@ def _row_backward_looped_kernel(
     acc_dw = tl.zeros([BLOCK_K], dtype=tl.float32)
     acc_db = tl.zeros([BLOCK_K], dtype=tl.float32)
     for s0 in range(0, S, CHUNK_S):
-        s = s0 + tl.arange(0, CHUNK_S)
-        mask = kmask[:, None] & (s < S)[None, :]
-        offs = r * L + k[:, None] * S + s[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        x, dy, offs, mask = _load_chunk(X, DY, r * L, k, kmask, s0, S, CHUNK_S)
         x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
         if ACT != 0:
             dy = tl.where(mask, dy * act_grad(x_hat * w[:, None] + b[:, None], ACT), 0.0)
@@ -191,11 +199,7 @@ def _row_backward_looped_kernel(
         else:
             c1 = 0.0
         for s0 in range(0, S, CHUNK_S):
-            s = s0 + tl.arange(0, CHUNK_S)
-            mask = kmask[:, None] & (s < S)[None, :]
-            offs = r * L + k[:, None] * S + s[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            x, dy, offs, mask = _load_chunk(X, DY, r * L, k, kmask, s0, S, CHUNK_S)
             x_hat = (x - mean) * rstd
             if ACT != 0:
                 dy = dy * act_grad(x_hat * w[:, None] + b[:, None], ACT)
