@@ -52,6 +52,15 @@ _MERGE_CH = 8       # channels per merge program (at least one whole group)
 
 
 @triton.jit
+def _load_tile(X, o, P, C, p, c, cmask):
+    # Rows p (of sample o) by channels c of the [O][P][C] array: x in float32, with the offsets
+    # and mask for a store of the same tile.
+    mask = (p < P)[:, None] & cmask[None, :]
+    offs = (o * P + p)[:, None] * C + c[None, :]
+    return tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
+
+
+@triton.jit
 def _stats_kernel(
     X, PART,                   # x [O][P][C]; partials [2][O * nchunk][C] float32: the mean of
                                # x - x[o, 0, c] and M2
@@ -183,10 +192,7 @@ def _normalize_kernel(
     rows = tl.arange(0, BLOCK_P)
     p_start = j * CHUNK_P
     for s in range(tl.minimum(SUB, tl.cdiv(P - p_start, BLOCK_P))):
-        p = p_start + s * BLOCK_P + rows
-        mask = (p < P)[:, None] & cmask[None, :]
-        offs = (o * P + p)[:, None] * C + c[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x, offs, mask = _load_tile(X, o, P, C, p_start + s * BLOCK_P + rows, c, cmask)
         z = (x - mean[None, :]) * a[None, :] + b[None, :]
         tl.store(Y + offs, act_fwd(z, ACT).to(Y.dtype.element_ty), mask=mask)
 
@@ -215,10 +221,7 @@ def _bwd_sums_kernel(
     acc_d = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc_dx = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     for s in range(tl.minimum(SUB, tl.cdiv(P - p_start, BLOCK_P))):
-        p = p_start + s * BLOCK_P + rows
-        mask = (p < P)[:, None] & cmask[None, :]
-        offs = (o * P + p)[:, None] * C + c[None, :]
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        x, offs, mask = _load_tile(X, o, P, C, p_start + s * BLOCK_P + rows, c, cmask)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         x_hat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         if ACT != 0:
@@ -315,10 +318,7 @@ def _bwd_dx_kernel(
             c2 = tl.load(COEF + n_o * G + ci, mask=cmask, other=0.0)
         p_start = j * CHUNK_P
         for s in range(tl.minimum(SUB, tl.cdiv(P - p_start, BLOCK_P))):
-            p = p_start + s * BLOCK_P + rows
-            mask = (p < P)[:, None] & cmask[None, :]
-            offs = (o * P + p)[:, None] * C + c[None, :]
-            x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            x, offs, mask = _load_tile(X, o, P, C, p_start + s * BLOCK_P + rows, c, cmask)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             x_hat = (x - mean[None, :]) * rstd[None, :]
             if ACT != 0:
