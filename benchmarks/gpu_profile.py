@@ -13,26 +13,10 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import normlab
 from normlab import bench
-
-
-def _step(module: nn.Module, inputs: list[torch.Tensor]):
-    leaves = [t.detach().requires_grad_(True) for t in inputs]
-    params = [p for p in module.parameters() if p.requires_grad]
-    with torch.no_grad():
-        out = module(*inputs)
-    grad = torch.randn_like(out[0] if isinstance(out, tuple) else out)
-
-    def run() -> None:
-        out = module(*leaves)
-        out = out[0] if isinstance(out, tuple) else out
-        torch.autograd.grad(out, [*leaves, *params], grad)
-
-    return run
 
 
 def _host_and_wall(fn, n: int = 50) -> tuple[float, float]:
@@ -70,7 +54,7 @@ def main() -> None:
                 continue
             if module is None:
                 continue
-            fn = _step(module, inputs)
+            fn = bench._step_fn(module, inputs, backward=True)
             host, wall = _host_and_wall(fn)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):

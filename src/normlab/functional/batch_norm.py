@@ -106,15 +106,20 @@ def commit_running_stats(
             running_mean.lerp_(mean.reshape(-1), momentum)
             running_var.lerp_(var.reshape(-1) * (count / max(count - 1, 1)), momentum)
             return True
-        new_mean, new_var = updated_running_stats(
-            running_mean, running_var, mean, var, count, momentum
-        )
-        for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
-            if buffer.dtype in (torch.float16, torch.bfloat16):
-                limit = torch.finfo(buffer.dtype).max
-                new = new.clamp(-limit, limit)
-            buffer.copy_(new)
+        _write_running_stats(running_mean, running_var, mean, var, count, momentum)
     return True
+
+
+def _write_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float, keep: Tensor | None = None) -> None:
+    """The general update (any dtypes): low-precision buffers saturate instead of overflowing;
+    with `keep` (a 0-dim bool on the device) the new values go in only where it is true."""
+    new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
+    for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
+        if buffer.dtype in (torch.float16, torch.bfloat16):
+            limit = torch.finfo(buffer.dtype).max
+            new = new.clamp(-limit, limit)
+        buffer.copy_(new if keep is None else torch.where(keep, new, buffer))
 
 
 def _nonfinite_probe(mean: Tensor, var: Tensor) -> Tensor:
@@ -131,12 +136,7 @@ def _commit_masked(running_mean: Tensor, running_var: Tensor, mean: Tensor, var:
     # No host read-back (on a GPU that would be a synchronization every training step): the
     # finiteness flag stays on the device and selects between the new and the old values.
     ok = _nonfinite_probe(mean, var) == 0
-    new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
-    for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
-        if buffer.dtype in (torch.float16, torch.bfloat16):
-            limit = torch.finfo(buffer.dtype).max
-            new = new.clamp(-limit, limit)
-        buffer.copy_(torch.where(ok, new, buffer))
+    _write_running_stats(running_mean, running_var, mean, var, count, momentum, keep=ok)
     return ok
 
 

@@ -97,6 +97,16 @@ def _stats(shape: tuple[int, ...], n: int, cdtype: torch.dtype) -> tuple[Tensor,
             empty(shape, dtype=cdtype))
 
 
+def given_stats(stats: tuple[Tensor, Tensor], cdtype: torch.dtype,
+                eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, invstd) for fixed statistics: fresh contiguous copies (the caller may save
+    them while the buffers move on), so their data pointers are the flat vectors kernels read;
+    few small ops, since each costs tens of microseconds on the cold caches a large sweep leaves
+    behind. Shared by the CPU and Triton kernels."""
+    mean, var = (s.to(cdtype, copy=True) for s in stats)
+    return mean, var, var.add(eps).rsqrt_()
+
+
 def _reference() -> Any:
     from normlab.functional import _normalize
 
@@ -275,13 +285,7 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
     d = plan.dims
-    given = None
-    if stats is not None:
-        # Fresh contiguous copies (the caller may save them while the buffers move on), so their
-        # data pointers are the flat vectors the kernels read; few small ops, since each costs
-        # tens of microseconds on the cold caches a large sweep leaves behind.
-        mean, var = (s.to(cd, copy=True) for s in stats)
-        given = (mean, var, var.add(eps).rsqrt_())
+    given = None if stats is None else given_stats(stats, cd, eps)
     if plan.kind == "row":
         res = None if residual is None else residual.contiguous()
         y, mean, var, invstd, s = _row_forward(lib, plan.x, w, b, d["R"], d["K"], d["S"], d["Gp"],

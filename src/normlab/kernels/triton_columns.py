@@ -52,6 +52,14 @@ _MERGE_CH = 8       # channels per merge program (at least one whole group)
 
 
 @triton.jit
+def _program_tile(C, BLOCK_C: tl.constexpr):
+    # The chunked kernels' grid (O, nchunk, channel blocks): sample o (int64 offsets), chunk j,
+    # this program's channels c and their mask.
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return tl.program_id(0).to(tl.int64), tl.program_id(1), c, c < C
+
+
+@triton.jit
 def _load_tile(X, o, P, C, p, c, cmask):
     # Rows p (of sample o) by channels c of the [O][P][C] array: x in float32, with the offsets
     # and mask for a store of the same tile.
@@ -67,10 +75,7 @@ def _stats_kernel(
     P, C, CHUNK_P, nchunk,
     SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    o, j, c, cmask = _program_tile(C, BLOCK_C)
     rows = tl.arange(0, BLOCK_P)
     p_start = j * CHUNK_P
     nsub = tl.minimum(SUB, tl.cdiv(P - p_start, BLOCK_P))
@@ -178,10 +183,7 @@ def _normalize_kernel(
     HAS_LO: tl.constexpr, ACT: tl.constexpr,
     SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    o, j, c, cmask = _program_tile(C, BLOCK_C)
     si = (o % smod) * G + c // K
     mean = tl.load(MEAN + si, mask=cmask, other=0.0)
     a = tl.load(RSTD + si, mask=cmask, other=0.0) * tl.load(W + c, mask=cmask, other=0.0)
@@ -204,10 +206,7 @@ def _bwd_sums_kernel(
     P, C, G, K, CHUNK_P, nchunk, smod,
     ACT: tl.constexpr, SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    o, j, c, cmask = _program_tile(C, BLOCK_C)
     si = (o % smod) * G + c // K
     mean = tl.load(MEAN + si, mask=cmask, other=0.0)
     rstd = tl.load(RSTD + si, mask=cmask, other=0.0)
@@ -286,10 +285,7 @@ def _bwd_dx_kernel(
     BATCH: tl.constexpr, NEED_DX: tl.constexpr, ACT: tl.constexpr,
     SUB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    o, j, c, cmask = _program_tile(C, BLOCK_C)
     rows = tl.arange(0, BLOCK_P)
     n_o = o * 0 + n_o  # int64 offsets below (n_o may arrive as a 32-bit int or a constexpr)
     if (o == 0) & (j == 0):

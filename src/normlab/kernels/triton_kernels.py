@@ -90,13 +90,12 @@ def _row_forward_kernel(
 
 @triton.jit
 def _row_backward_kernel(
-    DY, X, DEXTRA, DX,         # [R, K, S] contiguous
+    DY, X, DX,                 # [R, K, S] contiguous
     W, B, MEAN, RSTD,          # parameters [Gp * K]; statistics indexed r % smod
     C1, C2,                    # MODE 2: per-statistic coefficients of the batch-stat terms
     DW, DB,                    # per-row partial parameter gradients [R, K]
     K, S, Gp, smod,
-    CENTER: tl.constexpr, MODE: tl.constexpr, NEED_DX: tl.constexpr,
-    HAS_EXTRA: tl.constexpr, ACT: tl.constexpr,
+    CENTER: tl.constexpr, MODE: tl.constexpr, NEED_DX: tl.constexpr, ACT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # One program per row. MODE 0: statistics of the row itself (group and instance norm in
@@ -138,8 +137,6 @@ def _row_backward_kernel(
             dx = g * rstd
         else:
             dx = rstd * (g - tl.load(C1 + si) - x_hat * tl.load(C2 + si))
-        if HAS_EXTRA:
-            dx += tl.load(DEXTRA + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -338,24 +335,18 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     if plan is None or (residual is not None and plan.kind != "row"):
         return None
     d = plan.dims
+    dev = x.device
+    f32 = torch.float32
+    given = None if stats is None else cpu.given_stats(stats, f32, eps)
+    w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
+    b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     if plan.kind == "col":  # channels_last: the column kernels
-        f32, dev = torch.float32, str(x.device)
-        w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
-        b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
-        given = None
-        if stats is not None:
-            mean, var = (t.to(f32, copy=True) for t in stats)
-            given = (mean, var, (var + eps).rsqrt())
         return triton_columns.col_forward(plan.x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
                                           plan.stats_shape, given, act)
     K, S = d.get("K", 1), d["S"]
     blocks = _blocks(K, S)
     if blocks is None:
         return None
-    dev = x.device
-    f32 = torch.float32
-    w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
-    b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     xc = plan.x
     y = torch.empty_like(xc)
     common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1],
@@ -373,9 +364,8 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
         out = (y, mean.view(shape), var.view(shape), invstd.view(shape))
         return (*out, s) if residual is not None else out
     if plan.kind == "row_fixed":
-        assert stats is not None
-        mean, var = (t.to(f32, copy=True) for t in stats)
-        invstd = (var + eps).rsqrt()
+        assert given is not None
+        mean, var, invstd = given
         _row_forward_kernel[(d["R"],)](
             xc, xc, y, y, w, b, mean.reshape(-1).contiguous(), var, invstd.reshape(-1).contiguous(),
             K, S, d["Gp"], d["smod"], float(eps), CENTER=True, HAS_RES=False, FIXED=True,
@@ -400,38 +390,50 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
              mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
              needs: tuple[bool, bool, bool], act: int = 0,
              dextra: Tensor | None = None) -> tuple[Tensor | None, ...] | None:
+    """The kernel backward ``(dx, grad_weight, grad_bias)``, or None to use the reference."""
     if not supported(x):
         return None
     plan = cpu._plan(op, x, layout, not batch_stats)
     if plan is None:
         return None
     d = plan.dims
+    f32 = torch.float32
+    w = cpu._param(weight, plan.nparam, f32, 1.0, str(x.device))
+    b = cpu._param(bias, plan.nparam, f32, 0.0, str(x.device))
     if plan.kind == "col":
-        f32, dev = torch.float32, str(x.device)
-        w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
-        b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
         dx, gw, gb = triton_columns.col_backward(grad_out, plan.x, w, b, mean, invstd, d["O"],
                                                  d["P"], d["C"], d["G"], batch_stats, needs[0],
                                                  act)
-        grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
-            else None
-        return dx, grad_weight, gb if needs[2] else None
+    else:
+        grads = _rows_backward(plan, layout, grad_out, w, b, mean, invstd, batch_stats, needs[0],
+                               act, dextra)
+        if grads is None:
+            return None
+        dx, gw, gb = grads
+    grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
+        else None
+    return dx, grad_weight, gb if needs[2] else None
+
+
+def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tensor, mean: Tensor,
+                   invstd: Tensor, batch_stats: bool, need_dx: bool, act: int,
+                   dextra: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor] | None:
+    """(dx, gw, gb) for the row plans, parameter gradients summed to ``(nparam,)``; None when a
+    row is too long for the kernels."""
+    d = plan.dims
     K, S = d.get("K", 1), d["S"]
     blocks = _blocks(K, S)
     if blocks is None:
         return None
-    dev = x.device
-    f32 = torch.float32
-    w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
-    b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     xc = plan.x
+    dev, f32 = xc.device, torch.float32
     dy = cpu._like(xc, grad_out)
-    de = None if dextra is None else cpu._like(xc, dextra)
     mean = mean.reshape(-1).contiguous()
     invstd = invstd.reshape(-1).contiguous()
-    dx = torch.empty_like(xc) if needs[0] else None
+    dx = torch.empty_like(xc) if need_dx else None
     warps = _warps(blocks)
-    if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm rows
+    if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm (and add+norm) rows
+        de = None if dextra is None else cpu._like(xc, dextra)
         R = d["R"]
         progs = _row_programs(R, warps, dev)
         rows_per = math.ceil(R / progs)
@@ -442,48 +444,45 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
             dy, xc, de if de is not None else dy, dx if dx is not None else dy, w, b, mean,
             invstd, dw, db, R, K, rows_per, CENTER=layout.center, NEED_DX=dx is not None,
             HAS_EXTRA=de is not None, ACT=act, BLOCK=blocks[0], num_warps=warps)
-    else:
-        R = d["R"] if "R" in d else d["N"] * d["C"]
-        Gp = d.get("Gp", d.get("C", 1))
-        common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1], "num_warps": warps}
+        # stage 2 of the parameter gradients: a fixed-order sum over programs
+        return dx, dw.sum(0), db.sum(0)
+    assert dextra is None, "a residual gradient only comes with layer/RMS rows"
+    R = d["R"] if "R" in d else d["N"] * d["C"]
+    Gp = d.get("Gp", d.get("C", 1))
+    common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1], "num_warps": warps}
 
-        def launch(mode: int, smod: int, need_dx: bool, c1: Tensor | None = None,
-                   c2: Tensor | None = None) -> tuple[Tensor, Tensor]:
-            # One program per row; partial parameter gradients per row, [R, K].
-            pdw = torch.empty(R, K, device=dev, dtype=f32)
-            pdb = torch.empty_like(pdw)
-            _row_backward_kernel[(R,)](
-                dy, xc, de if de is not None else dy, dx if dx is not None else dy, w, b, mean,
-                invstd, c1 if c1 is not None else invstd, c2 if c2 is not None else invstd, pdw,
-                pdb, K, S, Gp, smod, CENTER=layout.center, MODE=mode,
-                NEED_DX=need_dx and dx is not None, HAS_EXTRA=de is not None, **common)
-            return pdw, pdb
+    def launch(mode: int, smod: int, need_dx: bool, c1: Tensor | None = None,
+               c2: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # One program per row; partial parameter gradients per row, [R, K].
+        pdw = torch.empty(R, K, device=dev, dtype=f32)
+        pdb = torch.empty_like(pdw)
+        _row_backward_kernel[(R,)](
+            dy, xc, dx if dx is not None else dy, w, b, mean, invstd,
+            c1 if c1 is not None else invstd, c2 if c2 is not None else invstd, pdw, pdb, K, S,
+            Gp, smod, CENTER=layout.center, MODE=mode, NEED_DX=need_dx and dx is not None,
+            **common)
+        return pdw, pdb
 
-        if plan.kind == "row" and batch_stats and de is None and \
-                blocks[0] * blocks[1] > _LOOP_TILE:
-            dw = torch.empty(R, K, device=dev, dtype=f32)
-            db = torch.empty_like(dw)
-            chunk = max(1, min(blocks[1], _LOOP_CHUNK // blocks[0]))
-            _row_backward_looped_kernel[(R,)](
-                dy, xc, dx if dx is not None else dy, w, b, mean, invstd, dw, db, K, S, Gp,
-                CENTER=layout.center, NEED_DX=dx is not None, ACT=act, BLOCK_K=blocks[0],
-                CHUNK_S=chunk, num_warps=_warps((blocks[0], chunk)))
-        elif plan.kind == "row":
-            dw, db = launch(0 if batch_stats else 1, R, True)
-        elif plan.kind == "row_fixed":
-            dw, db = launch(1, d["smod"], True)
-        else:  # bn_rows: per-row sums, reduced per channel, then the batch-stat projection
-            N, C = d["N"], d["C"]
-            pdw, pdb = launch(1, C, False)
-            dw, db, c1, c2 = (torch.empty(C, device=dev, dtype=f32) for _ in range(4))
-            _bn_grad_sums_kernel[(C,)](pdw, pdb, w, dw, db, c1, c2, N, C, 1.0 / (N * S),
-                                       BLOCK_N=min(1024, triton.next_power_of_2(N)))
-            if dx is not None:
-                launch(2, C, True, c1, c2)
-    if plan.kind == "bn_rows":  # already summed per channel
-        gw, gb = dw, db
-    else:  # stage 2 of the parameter gradients: a fixed-order sum over programs or samples
-        gw, gb = dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
-    grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
-        else None
-    return dx, grad_weight, gb if needs[2] else None
+    if plan.kind == "bn_rows":  # per-row sums, reduced per channel, then the batch-stat terms
+        N, C = d["N"], d["C"]
+        pdw, pdb = launch(1, C, False)
+        gw, gb, c1, c2 = (torch.empty(C, device=dev, dtype=f32) for _ in range(4))
+        _bn_grad_sums_kernel[(C,)](pdw, pdb, w, gw, gb, c1, c2, N, C, 1.0 / (N * S),
+                                   BLOCK_N=min(1024, triton.next_power_of_2(N)))
+        if dx is not None:
+            launch(2, C, True, c1, c2)
+        return dx, gw, gb
+    if plan.kind == "row" and batch_stats and blocks[0] * blocks[1] > _LOOP_TILE:
+        dw = torch.empty(R, K, device=dev, dtype=f32)
+        db = torch.empty_like(dw)
+        chunk = max(1, min(blocks[1], _LOOP_CHUNK // blocks[0]))
+        _row_backward_looped_kernel[(R,)](
+            dy, xc, dx if dx is not None else dy, w, b, mean, invstd, dw, db, K, S, Gp,
+            CENTER=layout.center, NEED_DX=dx is not None, ACT=act, BLOCK_K=blocks[0],
+            CHUNK_S=chunk, num_warps=_warps((blocks[0], chunk)))
+    elif plan.kind == "row":
+        dw, db = launch(0 if batch_stats else 1, R, True)
+    else:  # row_fixed
+        dw, db = launch(1, d["smod"], True)
+    # stage 2 of the parameter gradients: a fixed-order sum over samples
+    return dx, dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
