@@ -11,6 +11,12 @@ from types import ModuleType
 import pytest
 import torch
 
+# Activation codes of the kernels (index) to the reference's names, and the tolerances against
+# the float64 reference per input dtype.
+ACT_NAMES = [None, "relu", "silu", "gelu"]
+TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
+       torch.float16: {"atol": 4e-3, "rtol": 3e-3}}
+
 
 def interpreted(module: str) -> ModuleType:
     """`module` (a Triton kernel module) for interpreter tests, or a skip saying why it cannot

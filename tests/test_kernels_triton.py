@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interpreter import interpreted
+from interpreter import ACT_NAMES, TOL, interpreted
 from normlab.functional import fused
 from normlab.functional._normalize import Layout
 from normlab.kernels import cpu
@@ -21,9 +21,6 @@ def tk():
     return interpreted("normlab.kernels.triton_kernels")
 
 
-ACT_NAMES = [None, "relu", "silu", "gelu"]
-TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
-       torch.float16: {"atol": 4e-3, "rtol": 3e-3}}
 
 
 def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:

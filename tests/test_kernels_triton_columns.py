@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from interpreter import interpreted
+from interpreter import ACT_NAMES, TOL, interpreted
 from normlab.functional import fused
 from normlab.functional._normalize import Layout
 from normlab.functional.batch_norm import batch_norm_layout
@@ -26,9 +26,6 @@ def tc():
     return interpreted("normlab.kernels.triton_columns")
 
 
-ACT_NAMES = [None, "relu", "silu", "gelu"]
-TOL = {torch.float32: {"atol": 1e-5, "rtol": 1e-4}, torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
-       torch.float16: {"atol": 4e-3, "rtol": 3e-3}}
 STATS_TOL = {"atol": 1e-5, "rtol": 1e-4}  # statistics are float32 for every input dtype
 
 # Tuning constants: (_TILE, _BLOCK_C, _PROGRAMS, _MERGE_TILE, _MERGE_CH).

@@ -60,6 +60,17 @@ def _program_tile(C, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _group_channels(G, K, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The merge kernels' grid (O, group blocks): sample o, first group g0, and the channels of
+    # groups g0 .. g0 + BLOCK_G - 1 laid out group by group (BLOCK_K slots each) with their mask.
+    g0 = tl.program_id(1) * BLOCK_G
+    i = tl.arange(0, BLOCK_G * BLOCK_K)
+    k = i % BLOCK_K
+    g = g0 + i // BLOCK_K
+    return tl.program_id(0).to(tl.int64), g0, g * K + k, (k < K) & (g < G)
+
+
+@triton.jit
 def _load_tile(X, o, P, C, p, c, cmask):
     # Rows p (of sample o) by channels c of the [O][P][C] array: x in float32, with the offsets
     # and mask for a store of the same tile.
@@ -112,12 +123,7 @@ def _merge_kernel(
     P, C, G, K, CHUNK_P, nchunk, eps,
     BLOCK_J: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
-    g0 = tl.program_id(1) * BLOCK_G
-    i = tl.arange(0, BLOCK_G * BLOCK_K)
-    k = i % BLOCK_K
-    cvalid = (k < K) & (g0 + i // BLOCK_K < G)
-    c = (g0 + i // BLOCK_K) * K + k
+    o, g0, c, cvalid = _group_channels(G, K, BLOCK_G, BLOCK_K)
     jj = tl.arange(0, BLOCK_J)
     PQ = PART + tl.num_programs(0).to(tl.int64) * nchunk * C
     n_a = 0.0
@@ -240,13 +246,8 @@ def _bwd_merge_kernel(
     BATCH: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    o = tl.program_id(0).to(tl.int64)
+    o, g0, c, cvalid = _group_channels(G, K, BLOCK_G, BLOCK_K)
     n_o = tl.num_programs(0).to(tl.int64)
-    g0 = tl.program_id(1) * BLOCK_G
-    i = tl.arange(0, BLOCK_G * BLOCK_K)
-    k = i % BLOCK_K
-    cvalid = (k < K) & (g0 + i // BLOCK_K < G)
-    c = (g0 + i // BLOCK_K) * K + k
     jj = tl.arange(0, BLOCK_J)
     PDX = PART + nchunk * C * n_o
     COEF = SUMS + 2 * n_o * C
