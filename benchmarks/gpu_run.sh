@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device call: GPU correctness, then `normlab bench` on CUDA (see gpu_notes.md).
 # Usage (on the lent GPU machine, from the repository root): bash benchmarks/gpu_run.sh PHASES
-# PHASES: any of check bench compile bf16 (default: check bench compile). Each phase has its own
+# PHASES: any of check bench compile bf16 probe bnprobe (default: check bench compile);
+# CHECK_ONLY=REGEX limits the check to matching cases (gpu_check.py --only). Each phase has its own
 # time limit so that a slow one cannot eat the others' results; logs and JSON go to $OUT.
 set -u
 OUT=${OUT:-/tmp/normlab-gpu}
@@ -31,8 +32,9 @@ for phase in $phases; do
   start=$(date +%s)
   echo "=== $phase" >> "$log"
   case $phase in
-    check) timeout 120 python3 benchmarks/gpu_check.py --dtypes float32 bfloat16 \
-             --json "$OUT/check.json" >> "$log" 2>&1; echo "check rc=$?"
+    check) timeout 150 python3 benchmarks/gpu_check.py --dtypes float32 bfloat16 \
+             ${CHECK_ONLY:+--only "$CHECK_ONLY"} --json "$OUT/check.json" >> "$log" 2>&1
+           echo "check rc=$?"
            grep -E "^FAIL|passed" "$log" ;;
     bench) timeout 150 python3 -m normlab.bench --device cuda --min-time 0.02 --repeats 5 \
              --json "$OUT/bench_fp32.json" >> "$log" 2>&1; echo "bench rc=$?"
@@ -47,6 +49,10 @@ for phase in $phases; do
             --dtype bfloat16 --ops layer_norm rms_norm add_layer_norm add_rms_norm \
             --json "$OUT/bench_bf16.json" >> "$log" 2>&1; echo "bf16 rc=$?"
           [ -f "$OUT/bench_bf16.json" ] && summary "$OUT/bench_bf16.json" ;;
+    probe) timeout 240 python3 benchmarks/gpu_probe_vec.py 2>&1 | tee -a "$log" | grep -v Warn
+           echo "probe rc=$?" ;;
+    bnprobe) timeout 90 python3 benchmarks/gpu_probe_bn.py 2>&1 | tee -a "$log"
+             echo "bnprobe rc=$?" ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "phase $phase took $(( $(date +%s) - start )) s"

@@ -30,6 +30,34 @@ def test_gpu_check_dry_run_passes_and_uses_the_triton_kernels(tmp_path) -> None:
     import json
 
     records = json.loads(out.read_text())["records"]
-    assert len(records) == 28 and all(r["ok"] for r in records)
+    assert len(records) == 30 and all(r["ok"] for r in records)
     # every case went through Triton (forward and backward), channels_last included
     assert all(r["triton_calls"] >= 2 for r in records)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_check_only_runs_the_matching_cases(tmp_path) -> None:
+    out = tmp_path / "check.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--quick",
+         "--dtypes", "float32", "--only", r"^GroupNorm .* CL$", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+
+    records = json.loads(out.read_text())["records"]
+    assert [(r["case"], r["channels_last"]) for r in records] == [("GroupNorm", True)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_gpu_probe_vec_dry_run_variants_agree_with_the_formula() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_probe_vec.py"), "--dry-run"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if "max rel err" in ln]
+    assert len(lines) == 6 and all(ln.endswith(" ok") for ln in lines), proc.stdout

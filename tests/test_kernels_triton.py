@@ -62,6 +62,21 @@ def test_triton_looped_backward_matches_reference(tk, monkeypatch, name: str,
     _check_case(tk, name, dtype, act)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_wide_rows_backward_matches_reference(tk, monkeypatch, name: str,
+                                                     dtype: torch.dtype) -> None:
+    # Rows of _WIDE_ROW features or more: layer norm with a bias takes the column-blocked
+    # kernels (blocks of 8 over 37 features: a partial last block), RMS norm the 32-warp one.
+    _shrink_wide(tk, monkeypatch)
+    _check_case(tk, name, dtype, 0)
+
+
+def _shrink_wide(tk, monkeypatch) -> None:
+    monkeypatch.setattr(tk, "_WIDE_ROW", 16)
+    monkeypatch.setattr(tk, "_WIDE_CHUNK", 8)
+
+
 def _check_case(tk, name: str, dtype: torch.dtype, act: int) -> None:
     op, shape, layout, pshape, use_bias, fixed, groups = CASES[name]
     if act and op not in ("batch_norm_act", "group_norm_act"):
@@ -95,7 +110,10 @@ def _check_case(tk, name: str, dtype: torch.dtype, act: int) -> None:
                                    rtol=tol["rtol"])
 
 
-def test_triton_add_layer_norm_and_deterministic_param_grads(tk) -> None:
+@pytest.mark.parametrize("wide", [False, True])
+def test_triton_add_layer_norm_and_deterministic_param_grads(tk, monkeypatch, wide: bool) -> None:
+    if wide:
+        _shrink_wide(tk, monkeypatch)
     g = torch.Generator().manual_seed(0)
     x, r = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g)
     w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
@@ -119,7 +137,11 @@ def test_triton_add_layer_norm_and_deterministic_param_grads(tk) -> None:
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_triton_add_layer_norm_with_activation(tk, activation: str) -> None:
+@pytest.mark.parametrize("wide", [False, True])
+def test_triton_add_layer_norm_with_activation(tk, monkeypatch, activation: str,
+                                               wide: bool) -> None:
+    if wide:
+        _shrink_wide(tk, monkeypatch)
     act = cpu.ACTIVATIONS[activation]
     g = torch.Generator().manual_seed(1)
     x, r = torch.randn(24, 16, generator=g) * 2, torch.randn(24, 16, generator=g)
