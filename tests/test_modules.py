@@ -181,3 +181,34 @@ def test_modules_inside_a_model_train_like_torch():
             opt.step()
     for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("make", [lambda: nnl.BatchNorm2d(3),
+                                  lambda: nnl.BatchNormAct2d(3, activation="silu")],
+                         ids=["BatchNorm2d", "BatchNormAct2d"])
+def test_eval_graph_keeps_its_statistics_when_the_buffers_move_before_backward(make):
+    # Eval-mode forwards hand the running buffers to the kernels without copying them; a graph
+    # must still hold the statistics of its own forward, not the buffers' later values.
+    torch.manual_seed(0)
+    m = make().eval()
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5)
+    want_out = m(x)
+    want = torch.autograd.grad(want_out, [x, m.weight, m.bias], g)
+    out = m(x)
+    with torch.no_grad():  # the buffers move on (a train-mode step would) before backward
+        m.running_mean.add_(3.0)
+        m.running_var.mul_(5.0)
+    got = torch.autograd.grad(out, [x, m.weight, m.bias], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # inference reads the buffers as they are now, and leaves them alone
+        before = (m.running_mean.clone(), m.running_var.clone())
+        ref = nn.functional.batch_norm(x, before[0], before[1], m.weight, m.bias, False)
+        if isinstance(m, nnl.BatchNormAct2d):
+            ref = nn.functional.silu(ref)
+        torch.testing.assert_close(m(x), ref)
+        assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_var, before[1])

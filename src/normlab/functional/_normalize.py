@@ -78,14 +78,15 @@ def normalize_forward(
     """Reference forward. Returns ``(out, mean, var, invstd)`` (statistics in the compute dtype).
 
     ``stats``: fixed (mean, var) to normalize with instead of the input's own (eval-mode batch
-    norm); they must broadcast against ``x``.
+    norm); they must broadcast against ``x``. The returned mean and var may then be ``stats``
+    themselves: callers that keep them past the buffers' next update pass copies (the autograd
+    functions do), inference skips the two copies.
     """
     cdtype = compute_dtype(x.dtype)
     if stats is None:
         mean, var = moments(x, layout.reduce_dims, center=layout.center)
     else:
-        # Copies: the statistics are returned as outputs and must not alias the caller's buffers.
-        mean, var = (s.to(cdtype, copy=True) for s in stats)
+        mean, var = (s.to(cdtype) for s in stats)
     invstd = (var + eps).rsqrt()
     xc = x.to(cdtype)
     out = (xc - mean).mul_(invstd) if layout.center else xc * invstd
@@ -149,7 +150,7 @@ class _Normalize(torch.autograd.Function):
         fixed_var: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel = kernels.select(op, x, _REFERENCE)
-        stats = None if fixed_mean is None else (fixed_mean, fixed_var)
+        stats = _own_copies(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
@@ -180,6 +181,15 @@ class _Normalize(torch.autograd.Function):
         if grad_bias is not None:
             grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _own_copies(fixed_mean: Tensor | None,
+                fixed_var: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Fixed statistics for a graph: copies, since kernels may return them as the saved mean
+    and the var output, and the running buffers can move on before the backward runs."""
+    if fixed_mean is None or fixed_var is None:
+        return None
+    return fixed_mean.clone(), fixed_var.clone()
 
 
 def _like_input(grad_out: Tensor, x: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from normlab import kernels
 from normlab.functional import _validate as v
 from normlab.functional._normalize import (
     Layout,
+    _own_copies,
     needs_graph,
     normalize_backward,
     normalize_forward,
@@ -197,7 +198,7 @@ class _NormAct(torch.autograd.Function):
         activation: str | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernel = kernels.select(op, x, _NORM_ACT_REFERENCE)
-        stats = None if fixed_mean is None else (fixed_mean, fixed_var)
+        stats = _own_copies(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None

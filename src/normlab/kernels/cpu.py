@@ -99,11 +99,11 @@ def _stats(shape: tuple[int, ...], n: int, cdtype: torch.dtype) -> tuple[Tensor,
 
 def given_stats(stats: tuple[Tensor, Tensor], cdtype: torch.dtype,
                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, var, invstd) for fixed statistics: fresh contiguous copies (the caller may save
-    them while the buffers move on), so their data pointers are the flat vectors kernels read;
-    few small ops, since each costs tens of microseconds on the cold caches a large sweep leaves
-    behind. Shared by the CPU and Triton kernels."""
-    mean, var = (s.to(cdtype, copy=True) for s in stats)
+    """(mean, var, invstd) for fixed statistics, contiguous so their data pointers are the flat
+    vectors kernels read. No copies (the autograd functions pass their own): each small op
+    costs tens of microseconds on the cold caches a large sweep leaves behind. Shared by the CPU
+    and Triton kernels."""
+    mean, var = (s.to(cdtype).contiguous() for s in stats)
     return mean, var, var.add(eps).rsqrt_()
 
 
