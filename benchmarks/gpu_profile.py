@@ -2,6 +2,7 @@
 device time, side by side with torch.nn (and Liger where installed).
 
     python benchmarks/gpu_profile.py            # on a machine with a CUDA device
+    python benchmarks/gpu_profile.py --cprofile # where the host time of one call goes
 
 For each case it prints: host microseconds per call with no synchronization (what bounds small
 shapes: launches are asynchronous, so a call cannot finish faster than its Python), wall time
@@ -10,6 +11,9 @@ per call synchronized, and the profiler's device time per kernel. Not a test.
 
 from __future__ import annotations
 
+import cProfile
+import pstats
+import sys
 import time
 
 import torch
@@ -32,8 +36,33 @@ def _host_and_wall(fn, n: int = 50) -> tuple[float, float]:
     return host * 1e6, wall * 1e6
 
 
+def _cprofile(dev: torch.device) -> None:
+    # Python functions by own time over 300 host-bound calls (4096x1024 layer norm fwd+bwd and
+    # 32x64x56x56 batch norm fwd+bwd): what a faster host path would have to cut.
+    for kind, shape in (("layer_norm", (4096, 1024)), ("batch_norm", (32, 64, 56, 56))):
+        case = next(c for c in bench._cases(False, [kind], gpu=True)
+                    if tuple(c.shape) == shape and not c.channels_last)
+        c = shape[-1] if kind in bench._ROW_KINDS else shape[1]
+        inputs = bench._make_inputs(case, dev, torch.float32, 0)
+        fn = bench._step_fn(case.build("normlab", dev, torch.float32, c), inputs, backward=True)
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        print(f"== {kind} {'x'.join(map(str, shape))} normlab fwd+bwd, 300 calls")
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(22)
+
+
 def main() -> None:
     dev = torch.device("cuda")
+    if "--cprofile" in sys.argv:
+        _cprofile(dev)
+        return
     cases = [
         ("layer_norm", (4096, 1024), False), ("layer_norm", (4096, 16384), False),
         ("rms_norm", (4096, 16384), False), ("add_rms_norm", (4096, 16384), False),

@@ -179,7 +179,7 @@ class _Normalize(torch.autograd.Function):
             needs,
         )
         if grad_bias is not None:
-            grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
+            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 

@@ -184,7 +184,7 @@ class _AddNorm(torch.autograd.Function):
             grad_out, grad_sum, s, weight, bias, mean, invstd, ctx.layout, needs, ctx.activation
         )
         if grad_bias is not None:
-            grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
+            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
         return (grad_s if ctx.needs_input_grad[0] else None,
                 grad_s if ctx.needs_input_grad[1] else None,
                 grad_weight, grad_bias, None, None, None, None)
@@ -221,7 +221,7 @@ class _NormAct(torch.autograd.Function):
             ctx.activation,
         )
         if grad_bias is not None:
-            grad_bias = grad_bias.view(ctx.bias_shape).to(ctx.bias_dtype)
+            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["Kernel", "register", "registered", "select", "use_reference"]
+__all__ = ["Kernel", "as_param_grad", "register", "registered", "select", "use_reference"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,14 @@ def use_reference() -> Iterator[None]:
         yield
     finally:
         _state.reference = previous
+
+
+def as_param_grad(grad: Tensor, shape: Any, dtype: Any) -> Tensor:
+    """A summed parameter gradient viewed as the parameter's `shape` and cast to its `dtype`,
+    with no op where it already is (each op is host time every small backward pays)."""
+    if grad.shape != shape:
+        grad = grad.view(shape)
+    return grad if grad.dtype == dtype else grad.to(dtype)
 
 
 def _register_builtin_kernels() -> None:

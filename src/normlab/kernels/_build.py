@@ -48,7 +48,7 @@ _SIGNATURES: dict[str, list] = {
     "nl_row_forward": [_int, _int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr,
                        _dbl, _int, _ptr, _ptr, _ptr],
     "nl_row_normalize": [_int, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr,
-                         _ptr],
+                         _ptr, _dbl, _ptr],
     "nl_row_backward": [_int, _int, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr,
                         _ptr, _ptr, _ptr, _int, _int, _ptr, _ptr, _i64],
     "nl_bn_rows_forward": [_int, _int, _ptr, _ptr, _i64, _i64, _i64, _ptr, _ptr, _dbl, _ptr,

@@ -82,6 +82,12 @@ def _channels_last(x: Tensor, nchan: int = 1) -> bool:
     return True
 
 
+def _flat(t: Tensor) -> Tensor:
+    """`t` with its elements contiguous: kernels read statistics through the data pointer as a
+    flat vector, whatever the view's shape, so a contiguous tensor needs no reshape op."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _like(x: Tensor, t: Tensor) -> Tensor:
     """`t` with exactly `x`'s strides (copied only if they differ)."""
     if t.stride() == x.stride():
@@ -91,20 +97,23 @@ def _like(x: Tensor, t: Tensor) -> Tensor:
     return out
 
 
-def _stats(shape: tuple[int, ...], n: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    empty = torch.empty
-    return (empty(shape, dtype=cdtype), empty(shape, dtype=cdtype),  # type: ignore[return-value]
-            empty(shape, dtype=cdtype))
+def new_stats(shape: tuple[int, ...], cdtype: torch.dtype,
+              device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
+    """Empty (mean, var, invstd) outputs of `shape`: views of one allocation (two ops, not
+    three). Shared by the CPU and Triton kernels."""
+    return torch.empty((3, *shape), dtype=cdtype, device=device).unbind(0)
 
 
-def given_stats(stats: tuple[Tensor, Tensor], cdtype: torch.dtype,
-                eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, var, invstd) for fixed statistics, contiguous so their data pointers are the flat
-    vectors kernels read. No copies (the autograd functions pass their own): each small op
-    costs tens of microseconds on the cold caches a large sweep leaves behind. Shared by the CPU
-    and Triton kernels."""
-    mean, var = (s.to(cdtype).contiguous() for s in stats)
-    return mean, var, var.add(eps).rsqrt_()
+def fixed_stats(stats: tuple[Tensor, Tensor],
+                cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, invstd) for fixed statistics: mean and var as given when they already are
+    contiguous `cdtype` tensors (kernels only read them; the autograd functions pass copies), and
+    an empty invstd that the kernel fills with 1 / sqrt(var + eps). Each small torch op costs
+    tens of microseconds on the cold caches a large sweep leaves behind, so this makes none in
+    the common case. Shared by the CPU and Triton kernels."""
+    mean, var = (s if s.dtype == cdtype and s.is_contiguous() else s.to(cdtype).contiguous()
+                 for s in stats)
+    return mean, var, torch.empty_like(var)
 
 
 def _reference() -> Any:
@@ -126,7 +135,7 @@ def _row_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, R: int, K: int, S: i
                  residual: Tensor | None = None) -> tuple[Tensor, ...]:
     y = torch.empty_like(x)
     s = torch.empty_like(x) if residual is not None else None
-    mean, var, invstd = _stats(stats_shape, R, w.dtype)
+    mean, var, invstd = new_stats(stats_shape, w.dtype)
     _check(lib.nl_row_forward(DTYPE_CODES[x.dtype], act, x.data_ptr(), _ptr(residual), _ptr(s),
                               y.data_ptr(), R, K, S, Gp, w.data_ptr(), b.data_ptr(), float(eps),
                               int(center), mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
@@ -142,23 +151,20 @@ def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     cd = w.dtype
     dx = torch.empty_like(x) if need_dx else None
     per_elem = S == 1 and Gp == 1  # layer/RMS norm: partials per chunk of rows
-    if per_elem:
-        nchunk = max(1, min(R, 64))
-        gw = torch.empty(nchunk, K, dtype=cd)
-    else:
-        nchunk = 0
-        gw = torch.empty(R, K, dtype=cd)
-    gb = torch.empty_like(gw)
-    mean = mean.reshape(-1).contiguous()
-    invstd = invstd.reshape(-1).contiguous()
+    nchunk = max(1, min(R, 64)) if per_elem else 0
+    # Weight and bias partials in one buffer ([nchunk][K] or [R][K] each; R is a multiple of
+    # Gp), summed over the leading dim by one op.
+    parts = torch.empty(2, nchunk, K, dtype=cd) if per_elem else \
+        torch.empty(2, R // Gp, Gp * K, dtype=cd)
+    half = parts.numel() // 2 * parts.element_size()
     _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
                                _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
-                               b.data_ptr(), mean.data_ptr(), invstd.data_ptr(), int(center),
-                               int(batch_stats), gw.data_ptr(), gb.data_ptr(), nchunk),
+                               b.data_ptr(), _flat(mean).data_ptr(), _flat(invstd).data_ptr(),
+                               int(center), int(batch_stats), parts.data_ptr(),
+                               parts.data_ptr() + half, nchunk),
            "row_backward")
-    if per_elem:
-        return dx, gw.sum(0), gb.sum(0)
-    return dx, gw.view(-1, Gp * K).sum(0), gb.view(-1, Gp * K).sum(0)
+    gw, gb = parts.sum(1).unbind(0)
+    return dx, gw, gb
 
 
 def _col_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, outer: int, P: int, C: int, G: int,
@@ -167,7 +173,7 @@ def _col_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, outer: int, P: int, 
                  act: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y = torch.empty_like(x)
     if given is None:
-        mean, var, invstd = _stats(stats_shape, outer * G, w.dtype)
+        mean, var, invstd = new_stats(stats_shape, w.dtype)
     else:
         mean, var, invstd = given
     _check(lib.nl_col_forward(DTYPE_CODES[x.dtype], act, x.data_ptr(), y.data_ptr(), outer, P, C, G,
@@ -196,10 +202,8 @@ def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
                   need_dx: bool, act: int = 0, nchan: int = 1) -> tuple[Tensor | None, Tensor,
                                                                           Tensor]:
     dx = torch.empty_like(x) if need_dx else None
-    gw = torch.empty(C, dtype=w.dtype)
-    gb = torch.empty_like(gw)
-    mean = mean.reshape(-1).contiguous()
-    invstd = invstd.reshape(-1).contiguous()
+    gw, gb = torch.empty(2, C, dtype=w.dtype).unbind(0)
+    mean, invstd = _flat(mean), _flat(invstd)
     strides = _opc_strides(dy, nchan, outer, P, C)
     if strides is None:  # no uniform (o, p, c) strides: copy into x's layout
         dy = _like(x, dy)
@@ -285,7 +289,7 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
     d = plan.dims
-    given = None if stats is None else given_stats(stats, cd, eps)
+    given = None if stats is None else fixed_stats(stats, cd)
     if plan.kind == "row":
         res = None if residual is None else residual.contiguous()
         y, mean, var, invstd, s = _row_forward(lib, plan.x, w, b, d["R"], d["K"], d["S"], d["Gp"],
@@ -300,12 +304,13 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
         mean, var, invstd = given
         _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
                                     d["R"], d["K"], d["S"], d["Gp"], d["smod"], w.data_ptr(),
-                                    b.data_ptr(), mean.data_ptr(), invstd.data_ptr()),
+                                    b.data_ptr(), mean.data_ptr(), var.data_ptr(), float(eps),
+                                    invstd.data_ptr()),
                "row_normalize")
         return y, mean, var, invstd
     # bn_rows
     y = torch.empty_like(plan.x)
-    mean, var, invstd = _stats(plan.stats_shape, d["C"], cd)
+    mean, var, invstd = new_stats(plan.stats_shape, cd)
     _check(lib.nl_bn_rows_forward(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
                                   d["N"], d["C"], d["S"], w.data_ptr(), b.data_ptr(), float(eps),
                                   mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
@@ -340,16 +345,14 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
                                    d["G"], batch_stats, needs[0], act, d.get("nchan", 1))
     else:  # bn_rows
         dx = torch.empty_like(plan.x) if needs[0] else None
-        gw = torch.empty(d["C"], dtype=cd)
-        gb = torch.empty_like(gw)
+        gw, gb = torch.empty(2, d["C"], dtype=cd).unbind(0)
         _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
                                        plan.x.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
-                                       w.data_ptr(), b.data_ptr(),
-                                       mean.reshape(-1).contiguous().data_ptr(),
-                                       invstd.reshape(-1).contiguous().data_ptr(),
-                                       gw.data_ptr(), gb.data_ptr()), "bn_rows_backward")
-    grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
-        else None
+                                       w.data_ptr(), b.data_ptr(), _flat(mean).data_ptr(),
+                                       _flat(invstd).data_ptr(), gw.data_ptr(), gb.data_ptr()),
+               "bn_rows_backward")
+    grad_weight = kernels.as_param_grad(gw, weight.shape, weight.dtype) \
+        if needs[1] and weight is not None else None
     grad_bias = gb if needs[2] else None
     return dx, grad_weight, grad_bias
 

@@ -352,24 +352,20 @@ def _config(O: int, P: int, C: int, G: int, tile: int, max_bc: int,  # noqa: E74
             triton.cdiv(G, block_g), merge_warps)
 
 
-def _flat(t: Tensor) -> Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def col_forward(x: Tensor, w: Tensor, b: Tensor, O: int, P: int, C: int,  # noqa: E741
                 G: int, eps: float, stats_shape: tuple[int, ...],
                 given: tuple[Tensor, Tensor, Tensor] | None,
                 act: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, var, invstd)`` as ``cpu._col_forward`` returns them (statistics float32 in
-    ``stats_shape``). ``given``: fixed (mean, var, invstd), G values each (or O * G)."""
+    ``stats_shape``). ``given``: fixed (mean, var, invstd), G values each (or O * G), invstd
+    to be filled here with 1 / sqrt(var + eps)."""
     bc, bp, sub, chunk, nchunk, warps, bj, bg, bk, ngb, mwarps = _config(
         O, P, C, G, _TILE, _BLOCK_C, _PROGRAMS, _MERGE_TILE, _MERGE_CH)
     K = C // G
     y = torch.empty_like(x)
     grid = (O, nchunk, triton.cdiv(C, bc))
     if given is None:
-        mean, var, invstd = torch.empty((3, *stats_shape), device=x.device,
-                                        dtype=torch.float32).unbind(0)
+        mean, var, invstd = cpu.new_stats(stats_shape, torch.float32, x.device)
         part = torch.empty(2 * O * nchunk * C + O * G, device=x.device, dtype=torch.float32)
         _stats_kernel[grid](x, part, P, C, chunk, nchunk, SUB=sub, BLOCK_P=bp, BLOCK_C=bc,
                             num_warps=warps)
@@ -378,8 +374,9 @@ def col_forward(x: Tensor, w: Tensor, b: Tensor, O: int, P: int, C: int,  # noqa
         smod = O
     else:
         mean, var, invstd = (t.view(stats_shape) for t in given)
+        torch.add(var, eps, out=invstd).rsqrt_()
         smod, part = max(1, mean.numel() // G), mean
-    _normalize_kernel[grid](x, y, w, b, _flat(mean), _flat(invstd), part, P, C, G, K, chunk,
+    _normalize_kernel[grid](x, y, w, b, cpu._flat(mean), cpu._flat(invstd), part, P, C, G, K, chunk,
                             smod, HAS_LO=given is None, ACT=act, SUB=sub, BLOCK_P=bp,
                             BLOCK_C=bc, num_warps=warps)
     return y, mean, var, invstd
@@ -394,7 +391,7 @@ def col_backward(dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, invs
         O, P, C, G, _TILE, _BLOCK_C, _PROGRAMS, _MERGE_TILE, _MERGE_CH)
     K = C // G
     dy = cpu._like(x, dy)
-    mean, invstd = _flat(mean), _flat(invstd)
+    mean, invstd = cpu._flat(mean), cpu._flat(invstd)
     smod = max(1, mean.numel() // G)
     dev = x.device
     f32 = torch.float32

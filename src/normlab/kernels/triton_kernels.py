@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from normlab import kernels
 from normlab.kernels import cpu, triton_columns
 from normlab.kernels.triton_activations import act_fwd, act_grad
 
@@ -51,7 +52,7 @@ _WIDE_CHUNK = 1024
 def _row_forward_kernel(
     X, RES, SUM, Y,            # [R, K, S] contiguous (RES/SUM only with HAS_RES)
     W, B,                      # [Gp * K] float32 parameters
-    MEAN, VAR, RSTD,           # [R] (given statistics when FIXED: indexed r % smod)
+    MEAN, VAR, RSTD,           # [R]; FIXED: MEAN, VAR given and RSTD written, indexed r % smod
     K, S, Gp, smod, eps,
     CENTER: tl.constexpr, HAS_RES: tl.constexpr, FIXED: tl.constexpr,
     STATS_ONLY: tl.constexpr, ACT: tl.constexpr,
@@ -72,7 +73,9 @@ def _row_forward_kernel(
     if FIXED:
         si = r % smod
         mean = tl.load(MEAN + si)
-        rstd = tl.load(RSTD + si)
+        rstd = 1.0 / tl.sqrt(tl.load(VAR + si) + eps)
+        if r < smod:  # each statistic's invstd written once, by the first row that uses it
+            tl.store(RSTD + si, rstd)
         d = tl.where(mask, x - mean, 0.0)
     else:
         if CENTER:
@@ -348,7 +351,7 @@ def _wide_rows_kernel(
 
 
 @triton.jit
-def _bn_merge_kernel(RM, RV, MEAN, VAR, RSTD, N, C, eps, BLOCK_N: tl.constexpr):
+def _bn_merge_kernel(RM, RV, MEAN, VAR, N, C, BLOCK_N: tl.constexpr):
     # Batch norm on NCHW: per-(sample, channel) moments over equal counts merged per channel
     # (Chan): mean of the means, then mean of (row variance + squared deviation of the row mean).
     c = tl.program_id(0)
@@ -365,7 +368,6 @@ def _bn_merge_kernel(RM, RV, MEAN, VAR, RSTD, N, C, eps, BLOCK_N: tl.constexpr):
     var = tl.sum(acc, 0) / N
     tl.store(MEAN + c, mean)
     tl.store(VAR + c, var)
-    tl.store(RSTD + c, 1.0 / tl.sqrt(var + eps))
 
 
 @triton.jit
@@ -431,7 +433,7 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     d = plan.dims
     dev = x.device
     f32 = torch.float32
-    given = None if stats is None else cpu.given_stats(stats, f32, eps)
+    given = None if stats is None else cpu.fixed_stats(stats, f32)
     w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
     b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     if plan.kind == "col":  # channels_last: the column kernels
@@ -447,35 +449,31 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
               "num_warps": _warps(blocks)}
     if plan.kind == "row":
         R = d["R"]
-        mean, var, invstd = (torch.empty(R, device=dev, dtype=f32) for _ in range(3))
+        mean, var, invstd = cpu.new_stats(plan.stats_shape, f32, dev)
         res = None if residual is None else residual.contiguous()
         s = torch.empty_like(xc) if residual is not None else None
         _row_forward_kernel[(R,)](
             xc, res if res is not None else xc, s if s is not None else y, y, w, b, mean, var,
             invstd, K, S, d["Gp"], R, float(eps), CENTER=layout.center,
             HAS_RES=residual is not None, FIXED=False, STATS_ONLY=False, **common)
-        shape = plan.stats_shape
-        out = (y, mean.view(shape), var.view(shape), invstd.view(shape))
+        out = (y, mean, var, invstd)
         return (*out, s) if residual is not None else out
     if plan.kind == "row_fixed":
         assert given is not None
         mean, var, invstd = given
         _row_forward_kernel[(d["R"],)](
-            xc, xc, y, y, w, b, mean.reshape(-1).contiguous(), var, invstd.reshape(-1).contiguous(),
-            K, S, d["Gp"], d["smod"], float(eps), CENTER=True, HAS_RES=False, FIXED=True,
-            STATS_ONLY=False, **common)
+            xc, xc, y, y, w, b, mean, var, invstd, K, S, d["Gp"], d["smod"], float(eps),
+            CENTER=True, HAS_RES=False, FIXED=True, STATS_ONLY=False, **common)
         return y, mean, var, invstd
     # bn_rows: per-row moments, Chan merge per channel, then normalize with the merged statistics.
     N, C = d["N"], d["C"]
     R = N * C
-    rm, rv = (torch.empty(R, device=dev, dtype=f32) for _ in range(2))
+    rm, rv = torch.empty(2, R, device=dev, dtype=f32).unbind(0)
     _row_forward_kernel[(R,)](xc, xc, y, y, w, b, rm, rv, rv, 1, S, C, R, 0.0, CENTER=True,
                               HAS_RES=False, FIXED=False, STATS_ONLY=True, **common)
-    shape = plan.stats_shape
-    mean, var, invstd = (torch.empty(shape, device=dev, dtype=f32) for _ in range(3))
-    _bn_merge_kernel[(C,)](rm, rv, mean, var, invstd, N, C, float(eps),
-                           BLOCK_N=min(1024, triton.next_power_of_2(N)))
-    _row_forward_kernel[(R,)](xc, xc, y, y, w, b, mean, var, invstd, 1, S, C, C, 0.0,
+    mean, var, invstd = cpu.new_stats(plan.stats_shape, f32, dev)
+    _bn_merge_kernel[(C,)](rm, rv, mean, var, N, C, BLOCK_N=min(1024, triton.next_power_of_2(N)))
+    _row_forward_kernel[(R,)](xc, xc, y, y, w, b, mean, var, invstd, 1, S, C, C, float(eps),
                               CENTER=True, HAS_RES=False, FIXED=True, STATS_ONLY=False, **common)
     return y, mean, var, invstd
 
@@ -504,8 +502,8 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
         if grads is None:
             return None
         dx, gw, gb = grads
-    grad_weight = gw.view(weight.shape).to(weight.dtype) if needs[1] and weight is not None \
-        else None
+    grad_weight = kernels.as_param_grad(gw, weight.shape, weight.dtype) \
+        if needs[1] and weight is not None else None
     return dx, grad_weight, gb if needs[2] else None
 
 
@@ -523,8 +521,7 @@ def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tenso
     xc = plan.x
     dev, f32 = xc.device, torch.float32
     dy = cpu._like(xc, grad_out)
-    mean = mean.reshape(-1).contiguous()
-    invstd = invstd.reshape(-1).contiguous()
+    mean, invstd = cpu._flat(mean), cpu._flat(invstd)
     dx = torch.empty_like(xc) if need_dx else None
     warps = _warps(blocks)
     if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm (and add+norm) rows
@@ -538,55 +535,51 @@ def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tenso
         progs = _row_programs(R, warps, dev)
         rows_per = math.ceil(R / progs)
         progs = math.ceil(R / rows_per)
-        dw = torch.empty(progs, K, device=dev, dtype=f32)
-        db = torch.empty_like(dw) if needs[2] else dw
+        parts, dw, db = _partials(progs, K, dev, needs[2])
         _vec_backward_kernel[(progs,)](
             dy, xc, de if de is not None else dy, dx if dx is not None else dy, w, b, mean,
             invstd, dw, db, R, K, rows_per, CENTER=layout.center, NEED_DX=dx is not None,
             NEED_DB=needs[2], HAS_EXTRA=de is not None, ACT=act, BLOCK=blocks[0],
             num_warps=warps)
-        # stage 2 of the parameter gradients: a fixed-order sum over programs
-        return dx, dw.sum(0), db.sum(0) if needs[2] else None
+        return (dx, *_summed(parts, needs[2]))
     assert dextra is None, "a residual gradient only comes with layer/RMS rows"
     R = d["R"] if "R" in d else d["N"] * d["C"]
     Gp = d.get("Gp", d.get("C", 1))
     common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1], "num_warps": warps}
 
+    # per-row partial parameter gradients, [R, K] each, reused by every launch below
+    parts, pdw, pdb = _partials(R, K, dev, True)
+
     def launch(mode: int, smod: int, need_dx: bool, c1: Tensor | None = None,
-               c2: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        # One program per row; partial parameter gradients per row, [R, K].
-        pdw = torch.empty(R, K, device=dev, dtype=f32)
-        pdb = torch.empty_like(pdw)
+               c2: Tensor | None = None) -> None:
         _row_backward_kernel[(R,)](
             dy, xc, dx if dx is not None else dy, w, b, mean, invstd,
             c1 if c1 is not None else invstd, c2 if c2 is not None else invstd, pdw, pdb, K, S,
             Gp, smod, CENTER=layout.center, MODE=mode, NEED_DX=need_dx and dx is not None,
             **common)
-        return pdw, pdb
 
     if plan.kind == "bn_rows":  # per-row sums, reduced per channel, then the batch-stat terms
         N, C = d["N"], d["C"]
-        pdw, pdb = launch(1, C, False)
-        gw, gb, c1, c2 = (torch.empty(C, device=dev, dtype=f32) for _ in range(4))
+        launch(1, C, False)
+        gw, gb, c1, c2 = torch.empty(4, C, device=dev, dtype=f32).unbind(0)
         _bn_grad_sums_kernel[(C,)](pdw, pdb, w, gw, gb, c1, c2, N, C, 1.0 / (N * S),
                                    BLOCK_N=min(1024, triton.next_power_of_2(N)))
-        if dx is not None:
+        if dx is not None:  # rewrites the partials, which the sums (same stream) have read
             launch(2, C, True, c1, c2)
         return dx, gw, gb
     if plan.kind == "row" and batch_stats and blocks[0] * blocks[1] > _LOOP_TILE:
-        dw = torch.empty(R, K, device=dev, dtype=f32)
-        db = torch.empty_like(dw)
         chunk = max(1, min(blocks[1], _LOOP_CHUNK // blocks[0]))
         _row_backward_looped_kernel[(R,)](
-            dy, xc, dx if dx is not None else dy, w, b, mean, invstd, dw, db, K, S, Gp,
+            dy, xc, dx if dx is not None else dy, w, b, mean, invstd, pdw, pdb, K, S, Gp,
             CENTER=layout.center, NEED_DX=dx is not None, ACT=act, BLOCK_K=blocks[0],
             CHUNK_S=chunk, num_warps=_warps((blocks[0], chunk)))
     elif plan.kind == "row":
-        dw, db = launch(0 if batch_stats else 1, R, True)
+        launch(0 if batch_stats else 1, R, True)
     else:  # row_fixed
-        dw, db = launch(1, d["smod"], True)
+        launch(1, d["smod"], True)
     # stage 2 of the parameter gradients: a fixed-order sum over samples
-    return dx, dw.view(-1, plan.nparam).sum(0), db.view(-1, plan.nparam).sum(0)
+    gw, gb = parts.view(2, -1, plan.nparam).sum(1).unbind(0)
+    return dx, gw, gb
 
 
 def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | None,
@@ -608,10 +601,29 @@ def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | Non
         _wide_coeffs_kernel[(R,)](dy, x, w, b, mean, invstd, c1, c2, K, CENTER=layout.center,
                                   ACT=act, BLOCK_C=min(4096, triton.next_power_of_2(K)),
                                   num_warps=8)
-    dw = torch.empty(groups, K, device=dev, dtype=f32)
-    db = torch.empty_like(dw) if need_db else dw
+    parts, dw, db = _partials(groups, K, dev, need_db)
     _wide_rows_kernel[(ncb, groups)](
         dy, x, dextra if dextra is not None else dy, dx if dx is not None else dy, w, b, mean,
         invstd, c1, c2, dw, db, R, K, rows_per, CENTER=layout.center, NEED_DX=dx is not None,
         NEED_DB=need_db, HAS_EXTRA=dextra is not None, ACT=act, BLOCK_C=block_c, num_warps=4)
-    return dx, dw.sum(0), db.sum(0) if need_db else None
+    return (dx, *_summed(parts, need_db))
+
+
+def _partials(n: int, K: int, device: torch.device,
+              need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(buffer, weight partials, bias partials): [n, K] float32 stage-1 partial sums, both in one
+    buffer so that stage 2 is one sum (one launch); without a bias, the weight's only."""
+    if not need_db:
+        parts = torch.empty(n, K, device=device, dtype=torch.float32)
+        return parts, parts, parts
+    parts = torch.empty(2, n, K, device=device, dtype=torch.float32)
+    dw, db = parts.unbind(0)
+    return parts, dw, db
+
+
+def _summed(parts: Tensor, need_db: bool) -> tuple[Tensor, Tensor | None]:
+    """Stage 2 of the parameter gradients: a fixed-order sum over the partials' rows."""
+    if not need_db:
+        return parts.sum(0), None
+    gw, gb = parts.sum(1).unbind(0)
+    return gw, gb

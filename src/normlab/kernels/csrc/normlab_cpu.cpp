@@ -408,15 +408,22 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
   });
 }
 
-// Normalize with given statistics, indexed per row (smod = 0) or per r % smod.
+// Normalize with given statistics, indexed per row (smod = 0) or per r % smod: the mean and the
+// variance (the caller's buffers, read only); rstd_o receives 1 / sqrt(var + eps) for each.
 template <class T, int ACT>
 void row_normalize(const T* x, T* y, i64 R, i64 K, i64 S, i64 Gp, i64 smod, const acc_t<T>* w,
-                   const acc_t<T>* b, const acc_t<T>* mean, const acc_t<T>* rstd) {
+                   const acc_t<T>* b, const acc_t<T>* mean, const acc_t<T>* var, double eps,
+                   acc_t<T>* rstd_o) {
+  using A = acc_t<T>;
   const i64 L = K * S;
+  const i64 nstats = smod ? smod : R;
+  for (i64 i = 0; i < nstats; ++i) {
+    rstd_o[i] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var[i]) + eps));
+  }
   at::parallel_for(0, R, grain_rows(L), [&](i64 r0, i64 r1) {
     for (i64 r = r0; r < r1; ++r) {
       const i64 si = smod ? r % smod : r;
-      normalize_row<T, ACT>(x + r * L, y + r * L, K, S, (r % Gp) * K, mean[si], rstd[si], w, b);
+      normalize_row<T, ACT>(x + r * L, y + r * L, K, S, (r % Gp) * K, mean[si], rstd_o[si], w, b);
     }
   });
 }
@@ -957,7 +964,11 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
       for (i64 og = g0; og < g1; ++og) group_stats(og);
     });
   } else {
-    for (i64 og = 0; og < O * G; ++og) gm[og] = static_cast<double>(mean_o[og]);
+    // Given statistics: var_o is read (the caller's buffer), rstd_o written from it.
+    for (i64 og = 0; og < O * G; ++og) {
+      gm[og] = static_cast<double>(mean_o[og]);
+      rstd_o[og] = static_cast<A>(1.0 / std::sqrt(static_cast<double>(var_o[og]) + eps));
+    }
   }
   for (i64 o = 0; o < O; ++o) coefficients(o);
   at::parallel_for(0, O * nb, 1, [&](i64 t0, i64 t1) {
@@ -1195,10 +1206,11 @@ int nl_row_forward(int dtype, int act, const void* x, const void* res, void* sum
 }
 
 int nl_row_normalize(int dtype, int act, const void* x, void* y, i64 R, i64 K, i64 S, i64 Gp,
-                     i64 smod, const void* w, const void* b, const void* mean, const void* rstd) {
+                     i64 smod, const void* w, const void* b, const void* mean, const void* var,
+                     double eps, void* rstd) {
   NL_DISPATCH(dtype, act,
               (row_normalize<T, ACT>(P_(x), M_(y), R, K, S, Gp, smod, PA_(w), PA_(b), PA_(mean),
-                                     PA_(rstd))))
+                                     PA_(var), eps, MA_(rstd))))
 }
 
 int nl_row_backward(int dtype, int act, const void* dy, const void* x, const void* dextra,
