@@ -921,8 +921,21 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
         ys[e] = from_acc<T>(act_fwd<ACT>((to_acc(xs[e]) - mrp[e]) * arp[e] + brp[e]));
       }
     };
+    // As in normalize_row: output lines prefetched for writing a stretch ahead, so each store's
+    // read-for-ownership overlaps the work before it (not with an activation: compute-bound).
+    const i64 ahead = ACT == ACT_NONE ? VC * static_cast<i64>(sizeof(T)) : 0;
+    const i64 end_bytes = n * C * static_cast<i64>(sizeof(T));
     i64 p = 0;
-    for (; p + V <= n; p += V) run(xb + p * C, yb + p * C, VC);
+    for (; p + V <= n; p += V) {
+      if (ahead > 0) {
+        char* yc = reinterpret_cast<char*>(yb + p * C);
+        const i64 off = p * C * static_cast<i64>(sizeof(T));
+        for (i64 q = ahead; q < 2 * ahead && off + q < end_bytes; q += 64) {
+          __builtin_prefetch(yc + q, 1);
+        }
+      }
+      run(xb + p * C, yb + p * C, VC);
+    }
     for (; p < n; ++p) run(xb + p * C, yb + p * C, C);
   };
   // Three VC-element arrays per thread: (shift, sum, sum of squares) for chunk_stats, then
