@@ -327,7 +327,13 @@ def _bwd_dx_kernel(
 
 
 def _p2(n: int) -> int:
-    return triton.next_power_of_2(n)
+    # Plain Python: triton.next_power_of_2 / triton.cdiv are constexpr-function objects whose
+    # calls cost microseconds of host time each, several per normalization call.
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=256)
@@ -337,11 +343,11 @@ def _config(O: int, P: int, C: int, G: int, tile: int, max_bc: int,  # noqa: E74
     merge warps) for one problem; cached, since the host time matters for small shapes."""
     block_c = max(2, min(_p2(C), max_bc))
     block_p = max(2, min(tile // block_c, _p2(P)))
-    ntile_p = triton.cdiv(P, block_p)
-    tiles = O * ntile_p * triton.cdiv(C, block_c)
+    ntile_p = _cdiv(P, block_p)
+    tiles = O * ntile_p * _cdiv(C, block_c)
     sub = max(1, min(tiles // programs, ntile_p))
     chunk_p = sub * block_p
-    nchunk = triton.cdiv(P, chunk_p)
+    nchunk = _cdiv(P, chunk_p)
     warps = 4 if block_p * block_c <= 2048 else 8
     K = C // G
     block_k = _p2(K)
@@ -349,7 +355,7 @@ def _config(O: int, P: int, C: int, G: int, tile: int, max_bc: int,  # noqa: E74
     block_j = max(2, min(_p2(nchunk), merge_tile // (block_g * block_k)))
     merge_warps = 4 if block_j * block_g * block_k <= 2048 else 8
     return (block_c, block_p, sub, chunk_p, nchunk, warps, block_j, block_g, block_k,
-            triton.cdiv(G, block_g), merge_warps)
+            _cdiv(G, block_g), merge_warps)
 
 
 def col_forward(x: Tensor, w: Tensor, b: Tensor, O: int, P: int, C: int,  # noqa: E741
@@ -363,7 +369,7 @@ def col_forward(x: Tensor, w: Tensor, b: Tensor, O: int, P: int, C: int,  # noqa
         O, P, C, G, _TILE, _BLOCK_C, _PROGRAMS, _MERGE_TILE, _MERGE_CH)
     K = C // G
     y = torch.empty_like(x)
-    grid = (O, nchunk, triton.cdiv(C, bc))
+    grid = (O, nchunk, _cdiv(C, bc))
     if given is None:
         mean, var, invstd = cpu.new_stats(stats_shape, torch.float32, x.device)
         part = torch.empty(2 * O * nchunk * C + O * G, device=x.device, dtype=torch.float32)
@@ -398,7 +404,7 @@ def col_backward(dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, invs
     part = torch.empty(2 * O * nchunk * C, device=dev, dtype=f32)
     sums = torch.empty(2 * O * C + 2 * O * G, device=dev, dtype=f32)
     grad = torch.empty((2, C), device=dev, dtype=f32)
-    nb = triton.cdiv(C, bc)
+    nb = _cdiv(C, bc)
     _bwd_sums_kernel[(O, nchunk, nb)](dy, x, w, b, mean, invstd, part, P, C, G, K, chunk,
                                       nchunk, smod, ACT=act, SUB=sub, BLOCK_P=bp, BLOCK_C=bc,
                                       num_warps=warps)

@@ -393,7 +393,7 @@ def _bn_grad_sums_kernel(PDW, PDB, W, GW, GB, C1, C2, N, C, inv_count, BLOCK_N: 
 
 
 def _blocks(K: int, S: int) -> tuple[int, int] | None:
-    bk, bs = triton.next_power_of_2(K), triton.next_power_of_2(S)
+    bk, bs = triton_columns._p2(K), triton_columns._p2(S)
     return None if bk * bs > _MAX_TILE else (bk, bs)
 
 
@@ -472,7 +472,7 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     _row_forward_kernel[(R,)](xc, xc, y, y, w, b, rm, rv, rv, 1, S, C, R, 0.0, CENTER=True,
                               HAS_RES=False, FIXED=False, STATS_ONLY=True, **common)
     mean, var, invstd = cpu.new_stats(plan.stats_shape, f32, dev)
-    _bn_merge_kernel[(C,)](rm, rv, mean, var, N, C, BLOCK_N=min(1024, triton.next_power_of_2(N)))
+    _bn_merge_kernel[(C,)](rm, rv, mean, var, N, C, BLOCK_N=min(1024, triton_columns._p2(N)))
     _row_forward_kernel[(R,)](xc, xc, y, y, w, b, mean, var, invstd, 1, S, C, C, float(eps),
                               CENTER=True, HAS_RES=False, FIXED=True, STATS_ONLY=False, **common)
     return y, mean, var, invstd
@@ -563,7 +563,7 @@ def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tenso
         launch(1, C, False)
         gw, gb, c1, c2 = torch.empty(4, C, device=dev, dtype=f32).unbind(0)
         _bn_grad_sums_kernel[(C,)](pdw, pdb, w, gw, gb, c1, c2, N, C, 1.0 / (N * S),
-                                   BLOCK_N=min(1024, triton.next_power_of_2(N)))
+                                   BLOCK_N=min(1024, triton_columns._p2(N)))
         if dx is not None:  # rewrites the partials, which the sums (same stream) have read
             launch(2, C, True, c1, c2)
         return dx, gw, gb
@@ -589,8 +589,8 @@ def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | Non
     """Layer/RMS-norm backward of wide rows: the row coefficients, then column blocks over row
     groups (dx and per-group parameter partials), then the fixed-order sum over groups."""
     dev, f32 = x.device, torch.float32
-    block_c = min(_WIDE_CHUNK, triton.next_power_of_2(K))
-    ncb = triton.cdiv(K, block_c)
+    block_c = min(_WIDE_CHUNK, triton_columns._p2(K))
+    ncb = triton_columns._cdiv(K, block_c)
     # about eight 4-warp programs per SM; every row group's partials add K floats of traffic
     groups = max(1, min(R, _sm_count(dev) * 8 // ncb))
     rows_per = math.ceil(R / groups)
@@ -599,7 +599,7 @@ def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | Non
     if dx is not None:
         c1, c2 = (torch.empty(R, device=dev, dtype=f32) for _ in range(2))
         _wide_coeffs_kernel[(R,)](dy, x, w, b, mean, invstd, c1, c2, K, CENTER=layout.center,
-                                  ACT=act, BLOCK_C=min(4096, triton.next_power_of_2(K)),
+                                  ACT=act, BLOCK_C=min(4096, triton_columns._p2(K)),
                                   num_warps=8)
     parts, dw, db = _partials(groups, K, dev, need_db)
     _wide_rows_kernel[(ncb, groups)](
