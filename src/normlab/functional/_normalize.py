@@ -78,15 +78,17 @@ def normalize_forward(
     """Reference forward. Returns ``(out, mean, var, invstd)`` (statistics in the compute dtype).
 
     ``stats``: fixed (mean, var) to normalize with instead of the input's own (eval-mode batch
-    norm); they must broadcast against ``x``. The returned mean and var may then be ``stats``
-    themselves: callers that keep them past the buffers' next update pass copies (the autograd
-    functions do), inference skips the two copies.
+    norm): one value per statistic, in any shape with ``layout.param_shape``'s element count
+    (the running buffers as they are; kernels read them as flat vectors, the reference views
+    them). The returned mean and var may then be ``stats`` themselves (fast kernels return them
+    unviewed): callers that keep them past the buffers' next update pass copies (the autograd
+    functions do), inference skips the copies and the views.
     """
     cdtype = compute_dtype(x.dtype)
     if stats is None:
         mean, var = moments(x, layout.reduce_dims, center=layout.center)
     else:
-        mean, var = (s.to(cdtype) for s in stats)
+        mean, var = (s.to(cdtype).reshape(layout.param_shape) for s in stats)
     invstd = (var + eps).rsqrt()
     xc = x.to(cdtype)
     out = (xc - mean).mul_(invstd) if layout.center else xc * invstd

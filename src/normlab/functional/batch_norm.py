@@ -215,8 +215,7 @@ def batch_norm_with_status(
     )
     if not training:
         assert running_mean is not None and running_var is not None
-        stats = (running_mean.view(layout.param_shape), running_var.view(layout.param_shape))
-        return normalize(input, weight, bias, op, layout, eps, stats)[0], False
+        return normalize(input, weight, bias, op, layout, eps, (running_mean, running_var))[0], False
     count = check_values_per_channel(op, input)
     out, mean, var = normalize(input, weight, bias, op, layout, eps)
     committed = False

@@ -382,8 +382,7 @@ def batch_norm_act_with_status(
     if not training:
         assert running_mean is not None and running_var is not None
         return _norm_act(input, weight, bias, op, layout, eps,
-                         running_mean.view(layout.param_shape),
-                         running_var.view(layout.param_shape), activation)[0], False
+                         running_mean, running_var, activation)[0], False
     count = check_values_per_channel(op, input)
     out, mean, var = _norm_act(input, weight, bias, op, layout, eps, None, None, activation)
     committed = False

@@ -63,8 +63,7 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise ValueError(f"{op}: use_input_stats=False needs running_mean and running_var")
         layout = Layout(reduce_dims=spatial, param_shape=param_shape)
-        stats = (running_mean.view(param_shape), running_var.view(param_shape))
-        return normalize(input, weight, bias, op, layout, eps, stats)[0]
+        return normalize(input, weight, bias, op, layout, eps, (running_mean, running_var))[0]
     count = input[0, 0].numel() if n and c else 0
     if count == 1:
         raise ValueError(
