@@ -401,3 +401,36 @@ def test_channels_last_check_from_strides_matches_movedim() -> None:
                     assert _channels_last(t, nchan) == by_movedim(t, nchan), (shape, perm, nchan)
                     checked += 1
     assert checked > 1000
+
+
+@pytest.mark.parametrize(("op", "shape", "layout", "batch_stats"), [
+    ("layer_norm", (6, 33), ((1,), (33,)), True),
+    ("batch_norm", (4, 5, 3, 7), ((0, 2, 3), (1, 5, 1, 1)), True),
+    ("batch_norm", (4, 5, 3, 7), ((0, 2, 3), (1, 5, 1, 1)), False),
+    ("group_norm", (3, 2, 4, 5), ((2, 3), (1, 2, 4, 1)), True),
+])
+def test_backward_reads_non_contiguous_statistics(op: str, shape: tuple[int, ...], layout,
+                                                  batch_stats: bool) -> None:
+    # Saved statistics that are strided views (every other element of a larger buffer) are made
+    # contiguous for the kernel, and the copies stay alive through the call: a freed temporary's
+    # pointer would let the second copy reuse the first one's memory.
+    from normlab.functional._normalize import Layout, normalize_backward
+
+    lay = Layout(*layout)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    grad = torch.randn(shape, generator=g)
+    stat_shape = ((shape[0], 1) if op == "layer_norm" else
+                  (1, shape[1], 1, 1) if op == "batch_norm" else (shape[0], shape[1], 1, 1))
+    big_m = torch.randn(*stat_shape[:-1], 2 * stat_shape[-1], generator=g)
+    big_r = torch.rand(*stat_shape[:-1], 2 * stat_shape[-1], generator=g) + 0.5
+    mean, invstd = big_m[..., ::2], big_r[..., ::2]
+    assert not mean.is_contiguous() and not invstd.is_contiguous()
+    w = torch.randn(lay.param_shape, generator=g).reshape(-1)
+    needs = (True, True, True)
+    got = cpu._backward(op, grad, x, w, None, mean, invstd, lay, batch_stats, needs)
+    assert got is not None, "the CPU kernel declined the case"
+    want = normalize_backward(grad, x, w, mean.contiguous(), invstd.contiguous(), lay,
+                              batch_stats, needs)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.reshape(e.shape), e, atol=1e-5, rtol=1e-5)

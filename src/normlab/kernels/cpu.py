@@ -157,9 +157,10 @@ def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     parts = torch.empty(2, nchunk, K, dtype=cd) if per_elem else \
         torch.empty(2, R // Gp, Gp * K, dtype=cd)
     half = parts.numel() // 2 * parts.element_size()
+    mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
     _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
                                _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
-                               b.data_ptr(), _flat(mean).data_ptr(), _flat(invstd).data_ptr(),
+                               b.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
                                int(center), int(batch_stats), parts.data_ptr(),
                                parts.data_ptr() + half, nchunk),
            "row_backward")
@@ -346,10 +347,11 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
     else:  # bn_rows
         dx = torch.empty_like(plan.x) if needs[0] else None
         gw, gb = torch.empty(2, d["C"], dtype=cd).unbind(0)
+        mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
         _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
                                        plan.x.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
-                                       w.data_ptr(), b.data_ptr(), _flat(mean).data_ptr(),
-                                       _flat(invstd).data_ptr(), gw.data_ptr(), gb.data_ptr()),
+                                       w.data_ptr(), b.data_ptr(), mean.data_ptr(),
+                                       invstd.data_ptr(), gw.data_ptr(), gb.data_ptr()),
                "bn_rows_backward")
     grad_weight = kernels.as_param_grad(gw, weight.shape, weight.dtype) \
         if needs[1] and weight is not None else None
