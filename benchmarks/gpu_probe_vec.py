@@ -9,7 +9,8 @@ a 16384-wide row holds x, dy, w and two accumulators (320 KB at fp32) where the 
 - ``vec``: the production kernel, by warps and an explicit register cap (``maxnreg``);
 - ``wload``: the same loop with the weight re-read each row (from L1/L2) instead of held;
 - ``split``: two kernels, per-row coefficients then column blocks over row groups (dx and the
-  parameter partials), each program holding one column block: no spills, two more reads of x, dy.
+  parameter partials), each program holding one column block: no spills, two more reads of x, dy
+  (the production ``_wide_coeffs_kernel`` / ``_wide_rows_kernel``, at several block sizes).
 
 Each variant is checked against a torch float32 formula before it is timed.
 
@@ -41,17 +42,12 @@ def _vec_bwd_wload_kernel(DY, X, DX, W, MEAN, RSTD, DW, DB, R, K, rows_per_prog,
     r_end = tl.minimum(pid * rows_per_prog + rows_per_prog, R)
     for r in range(pid * rows_per_prog, r_end):
         base = r * K
-        rstd = tl.load(RSTD + r)
-        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
-        if CENTER:
-            x_hat = tl.where(mask, (x - tl.load(MEAN + r)) * rstd, 0.0)
-        else:
-            x_hat = x * rstd
+        w = tl.load(W + cols, mask=mask, other=0.0)  # re-read each row: one vector fewer held
+        x_hat, dy, rstd = tk._row_terms(X, DY, MEAN, RSTD, r, base, cols, mask, w, w, CENTER, 0)
         acc_dw += dy * x_hat
         if NEED_DB:
             acc_db += dy
-        g = dy * tl.load(W + cols, mask=mask, other=0.0)
+        g = dy * w
         c2 = tl.sum(g * x_hat, 0) / K
         if CENTER:
             dx = rstd * (g - tl.sum(g, 0) / K - x_hat * c2)
@@ -61,57 +57,6 @@ def _vec_bwd_wload_kernel(DY, X, DX, W, MEAN, RSTD, DW, DB, R, K, rows_per_prog,
     tl.store(DW + pid * K + cols, acc_dw, mask=mask)
     if NEED_DB:
         tl.store(DB + pid * K + cols, acc_db, mask=mask)
-
-
-@triton.jit
-def _row_coeffs_kernel(DY, X, W, MEAN, RSTD, C1, C2, K, CENTER: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
-    # Per row: mean(g) and mean(g * x_hat), g = dy * w, over column chunks.
-    r = tl.program_id(0).to(tl.int64)
-    rstd = tl.load(RSTD + r)
-    mean = tl.load(MEAN + r) if CENTER else 0.0
-    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, K, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = cols < K
-        x = tl.load(X + r * K + cols, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(DY + r * K + cols, mask=m, other=0.0).to(tl.float32) * \
-            tl.load(W + cols, mask=m, other=0.0)
-        acc1 += g
-        acc2 += g * tl.where(m, (x - mean) * rstd, 0.0)
-    tl.store(C1 + r, tl.sum(acc1, 0) / K if CENTER else 0.0)
-    tl.store(C2 + r, tl.sum(acc2, 0) / K)
-
-
-@triton.jit
-def _col_dx_kernel(DY, X, DX, W, MEAN, RSTD, C1, C2, DW, DB, R, K, rows_per_prog,
-                   CENTER: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
-    # A column block over a group of rows: dx, and that group's partial parameter gradients.
-    cb = tl.program_id(0)
-    grp = tl.program_id(1).to(tl.int64)
-    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = cols < K
-    w = tl.load(W + cols, mask=m, other=0.0)
-    acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
-    r_end = tl.minimum(grp * rows_per_prog + rows_per_prog, R)
-    for r in range(grp * rows_per_prog, r_end):
-        rstd = tl.load(RSTD + r)
-        x = tl.load(X + r * K + cols, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * K + cols, mask=m, other=0.0).to(tl.float32)
-        if CENTER:
-            x_hat = (x - tl.load(MEAN + r)) * rstd
-        else:
-            x_hat = x * rstd
-        acc_dw += dy * x_hat
-        if NEED_DB:
-            acc_db += dy
-        dx = rstd * (dy * w - tl.load(C1 + r) - x_hat * tl.load(C2 + r))
-        tl.store(DX + r * K + cols, dx.to(DX.dtype.element_ty), mask=m)
-    tl.store(DW + grp * K + cols, acc_dw, mask=m)
-    if NEED_DB:
-        tl.store(DB + grp * K + cols, acc_db, mask=m)
 
 
 def _inputs(R: int, K: int, center: bool, device: str, dtype: torch.dtype):
@@ -144,34 +89,26 @@ def _variants(R: int, K: int, center: bool, sms: int, dry: bool):
     for warps, cap, per_sm in configs[:1] if dry else configs:
         progs = max(1, min(R, sms * per_sm))
 
-        def vec(x, dy, w, mean, rstd, warps=warps, cap=cap, progs=progs):
-            rows = math.ceil(R / progs)
-            n = math.ceil(R / rows)
-            dx = torch.empty_like(x)
-            dw = torch.empty(n, K, device=x.device)
-            db = torch.empty_like(dw)
-            extra = {} if cap is None or dry else {"maxnreg": cap}
-            tk._vec_backward_kernel[(n,)](
-                dy, x, dy, dx, w, w, mean, rstd, dw, db, R, K, rows, CENTER=center,
-                NEED_DX=True, NEED_DB=need_db, HAS_EXTRA=False, ACT=0, BLOCK=block,
-                num_warps=warps, **extra)
-            return dx, dw.sum(0), db.sum(0) if need_db else None
+        for label, kernel in (("vec", tk._vec_backward_kernel), ("wload", _vec_bwd_wload_kernel)):
 
-        out.append((f"vec w{warps} cap{cap} progs{progs}", vec))
+            def run(x, dy, w, mean, rstd, kernel=kernel, warps=warps, cap=cap, progs=progs):
+                rows = math.ceil(R / progs)
+                n = math.ceil(R / rows)
+                dx = torch.empty_like(x)
+                dw = torch.empty(n, K, device=x.device)
+                db = torch.empty_like(dw)
+                extra = {} if cap is None or dry else {"maxnreg": cap}
+                if kernel is _vec_bwd_wload_kernel:
+                    args = (dy, x, dx, w, mean, rstd, dw, db, R, K, rows)
+                    flags = {}
+                else:
+                    args = (dy, x, dy, dx, w, w, mean, rstd, dw, db, R, K, rows)
+                    flags = {"NEED_DX": True, "HAS_EXTRA": False, "ACT": 0}
+                kernel[(n,)](*args, CENTER=center, NEED_DB=need_db, BLOCK=block, num_warps=warps,
+                             **flags, **extra)
+                return dx, dw.sum(0), db.sum(0) if need_db else None
 
-        def wload(x, dy, w, mean, rstd, warps=warps, cap=cap, progs=progs):
-            rows = math.ceil(R / progs)
-            n = math.ceil(R / rows)
-            dx = torch.empty_like(x)
-            dw = torch.empty(n, K, device=x.device)
-            db = torch.empty_like(dw)
-            extra = {} if cap is None or dry else {"maxnreg": cap}
-            _vec_bwd_wload_kernel[(n,)](dy, x, dx, w, mean, rstd, dw, db, R, K, rows,
-                                        CENTER=center, NEED_DB=need_db, BLOCK=block,
-                                        num_warps=warps, **extra)
-            return dx, dw.sum(0), db.sum(0) if need_db else None
-
-        out.append((f"wload w{warps} cap{cap} progs{progs}", wload))
+            out.append((f"{label} w{warps} cap{cap} progs{progs}", run))
     for bc, warps, per_sm in ((1024, 4, 8), (2048, 4, 8), (2048, 8, 4), (4096, 8, 4)):
         if dry and bc != 1024:
             continue
@@ -184,14 +121,15 @@ def _variants(R: int, K: int, center: bool, sms: int, dry: bool):
             groups = math.ceil(R / rows)
             c1 = torch.empty(R, device=x.device)
             c2 = torch.empty_like(c1)
-            _row_coeffs_kernel[(R,)](dy, x, w, mean, rstd, c1, c2, K, CENTER=center,
-                                     BLOCK_C=min(block, 4096), num_warps=8)
+            tk._wide_coeffs_kernel[(R,)](dy, x, w, w, mean, rstd, c1, c2, K, CENTER=center,
+                                         ACT=0, BLOCK_C=min(block, 4096), num_warps=8)
             dx = torch.empty_like(x)
             dw = torch.empty(groups, K, device=x.device)
             db = torch.empty_like(dw)
-            _col_dx_kernel[(ncb, groups)](dy, x, dx, w, mean, rstd, c1, c2, dw, db, R, K, rows,
-                                          CENTER=center, NEED_DB=need_db, BLOCK_C=bc,
-                                          num_warps=warps)
+            tk._wide_rows_kernel[(ncb, groups)](
+                dy, x, dy, dx, w, w, mean, rstd, c1, c2, dw, db, R, K, rows, CENTER=center,
+                NEED_DX=True, NEED_DB=need_db, HAS_EXTRA=False, ACT=0, BLOCK_C=bc,
+                num_warps=warps)
             return dx, dw.sum(0), db.sum(0) if need_db else None
 
         out.append((f"split bc{bc} w{warps} per_sm{per_sm}", split))
@@ -246,8 +184,8 @@ def main() -> None:
                       f"{nbytes / ms / 1e9:5.2f} TB/s  err {max(errs):.1e}"
                       f"{'' if ok else ' WRONG'}", flush=True)
     if not args.dry_run:
-        for k in (tk._vec_backward_kernel, _vec_bwd_wload_kernel, _col_dx_kernel,
-                  _row_coeffs_kernel):
+        for k in (tk._vec_backward_kernel, _vec_bwd_wload_kernel, tk._wide_rows_kernel,
+                  tk._wide_coeffs_kernel):
             print(k.fn.__name__, _regs(k))
 
 

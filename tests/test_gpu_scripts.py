@@ -1,10 +1,12 @@
-"""The GPU check script runs end to end on this CPU-only machine (Triton's interpreter), so it
-cannot rot between the sessions that lend a GPU: every Triton-backed module through the public
-API against the float64 reference, with the Triton kernels selected for CPU tensors."""
+"""The GPU scripts run end to end on this CPU-only machine (Triton's interpreter), so they cannot
+rot between the sessions that lend a GPU: the check runs every Triton-backed module through the
+public API against the float64 reference with the Triton kernels selected for CPU tensors, and
+the backward probe checks each kernel variant it would time against the formula."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -14,50 +16,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
+]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_gpu_check_dry_run_passes_and_uses_the_triton_kernels(tmp_path) -> None:
-    out = tmp_path / "check.json"
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--quick",
-         "--dtypes", "float32", "--json", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--dry-run", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    import json
+    return proc
 
-    records = json.loads(out.read_text())["records"]
+
+def _check_records(tmp_path: Path, *args: str) -> list[dict]:
+    out = tmp_path / "check.json"
+    _script("gpu_check.py", "--quick", "--dtypes", "float32", "--json", str(out), *args)
+    return json.loads(out.read_text())["records"]
+
+
+def test_gpu_check_dry_run_passes_and_uses_the_triton_kernels(tmp_path) -> None:
+    records = _check_records(tmp_path)
     assert len(records) == 30 and all(r["ok"] for r in records)
     # every case went through Triton (forward and backward), channels_last included
     assert all(r["triton_calls"] >= 2 for r in records)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_gpu_check_only_runs_the_matching_cases(tmp_path) -> None:
-    out = tmp_path / "check.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--quick",
-         "--dtypes", "float32", "--only", r"^GroupNorm .* CL$", "--json", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    import json
-
-    records = json.loads(out.read_text())["records"]
+    records = _check_records(tmp_path, "--only", r"^GroupNorm .* CL$")
     assert [(r["case"], r["channels_last"]) for r in records] == [("GroupNorm", True)]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_gpu_probe_vec_dry_run_variants_agree_with_the_formula() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_probe_vec.py"), "--dry-run"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = _script("gpu_probe_vec.py")
     lines = [ln for ln in proc.stdout.splitlines() if "max rel err" in ln]
     assert len(lines) == 6 and all(ln.endswith(" ok") for ln in lines), proc.stdout

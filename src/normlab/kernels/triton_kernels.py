@@ -7,8 +7,10 @@ values over registers, accumulated in float32 for float16/bfloat16/float32 input
 
 Parameter gradients use a two-stage reduction: stage 1 writes per-program (layer/RMS norm: a
 block of rows) or per-row-and-channel (group/instance norm) partial sums, stage 2 sums them in a
-fixed order, so results are deterministic (no atomics). Batch norm on NCHW merges per-row moments
-with Chan's formula in a small kernel between the two sweeps. Channels-last layouts run the
+fixed order, so results are deterministic (no atomics). The layer/RMS-norm backward walks rows
+with 1-D programs; on rows of ``_WIDE_ROW`` features or more, where registers cannot hold a row's
+vectors, it runs a row-coefficient kernel then column blocks over row groups. Batch norm on NCHW
+merges per-row moments with Chan's formula in a small kernel between the two sweeps. Channels-last layouts run the
 column kernels of :mod:`normlab.kernels.triton_columns`; float64 and rows longer than
 ``_MAX_TILE`` elements use the reference path.
 
@@ -220,6 +222,23 @@ def _row_backward_looped_kernel(
 
 
 @triton.jit
+def _row_terms(X, DY, MEAN, RSTD, r, base, cols, mask, w, b, CENTER: tl.constexpr,
+               ACT: tl.constexpr):
+    # Columns `cols` of layer/RMS row r: (x_hat, dy through the activation's derivative, invstd)
+    # in float32, zero where masked.
+    rstd = tl.load(RSTD + r)
+    x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
+    if CENTER:
+        x_hat = tl.where(mask, (x - tl.load(MEAN + r)) * rstd, 0.0)
+    else:
+        x_hat = x * rstd
+    if ACT != 0:
+        dy = tl.where(mask, dy * act_grad(x_hat * w + b, ACT), 0.0)
+    return x_hat, dy, rstd
+
+
+@triton.jit
 def _vec_backward_kernel(
     DY, X, DEXTRA, DX,         # [R, K] contiguous
     W, B, MEAN, RSTD,          # parameters [K], statistics [R]
@@ -238,21 +257,15 @@ def _vec_backward_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0)
     if ACT != 0:
         b = tl.load(B + cols, mask=mask, other=0.0)
+    else:
+        b = w  # unread
     acc_dw = tl.zeros([BLOCK], dtype=tl.float32)
     if NEED_DB:  # no bias (RMS norm): one accumulator fewer in registers
         acc_db = tl.zeros([BLOCK], dtype=tl.float32)
     r_end = tl.minimum(pid * rows_per_prog + rows_per_prog, R)
     for r in range(pid * rows_per_prog, r_end):
         base = r * K
-        rstd = tl.load(RSTD + r)
-        x = tl.load(X + base + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + base + cols, mask=mask, other=0.0).to(tl.float32)
-        if CENTER:
-            x_hat = tl.where(mask, (x - tl.load(MEAN + r)) * rstd, 0.0)
-        else:
-            x_hat = x * rstd
-        if ACT != 0:
-            dy = tl.where(mask, dy * act_grad(x_hat * w + b, ACT), 0.0)
+        x_hat, dy, rstd = _row_terms(X, DY, MEAN, RSTD, r, base, cols, mask, w, b, CENTER, ACT)
         acc_dw += dy * x_hat
         if NEED_DB:
             acc_db += dy
@@ -279,22 +292,17 @@ def _wide_coeffs_kernel(
 ):
     # Wide layer/RMS rows, pass 1 of 2: the two row reductions that dx needs, chunk by chunk.
     r = tl.program_id(0).to(tl.int64)
-    rstd = tl.load(RSTD + r)
-    if CENTER:
-        mean = tl.load(MEAN + r)
-    else:
-        mean = 0.0
     acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, K, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = cols < K
-        x_hat = tl.where(m, (tl.load(X + r * K + cols, mask=m, other=0.0).to(tl.float32) - mean)
-                         * rstd, 0.0)
-        dy = tl.load(DY + r * K + cols, mask=m, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=m, other=0.0)
         if ACT != 0:
-            dy = dy * act_grad(x_hat * w + tl.load(B + cols, mask=m, other=0.0), ACT)
+            b = tl.load(B + cols, mask=m, other=0.0)
+        else:
+            b = w  # unread
+        x_hat, dy, _rstd = _row_terms(X, DY, MEAN, RSTD, r, r * K, cols, m, w, b, CENTER, ACT)
         g = dy * w
         acc_g += g
         acc_gx += g * x_hat
@@ -322,21 +330,15 @@ def _wide_rows_kernel(
     w = tl.load(W + cols, mask=m, other=0.0)
     if ACT != 0:
         b = tl.load(B + cols, mask=m, other=0.0)
+    else:
+        b = w  # unread
     acc_dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     if NEED_DB:
         acc_db = tl.zeros([BLOCK_C], dtype=tl.float32)
     r_end = tl.minimum(grp * rows_per_prog + rows_per_prog, R)
     for r in range(grp * rows_per_prog, r_end):
         base = r * K
-        rstd = tl.load(RSTD + r)
-        x = tl.load(X + base + cols, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + base + cols, mask=m, other=0.0).to(tl.float32)
-        if CENTER:
-            x_hat = tl.where(m, (x - tl.load(MEAN + r)) * rstd, 0.0)
-        else:
-            x_hat = x * rstd
-        if ACT != 0:
-            dy = tl.where(m, dy * act_grad(x_hat * w + b, ACT), 0.0)
+        x_hat, dy, rstd = _row_terms(X, DY, MEAN, RSTD, r, base, cols, m, w, b, CENTER, ACT)
         acc_dw += dy * x_hat
         if NEED_DB:
             acc_db += dy
