@@ -883,11 +883,16 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
     std::fill(s1p, s1p + VC, A(0));
     std::fill(s2p, s2p + VC, A(0));
     auto add = [&](const T* src, i64 m) {
+      // Local restrict copies: through the lambda's captured references GCC could not tell the
+      // stores from the pointers and left this loop scalar ("complicated access pattern").
+      const A* __restrict sh = shp;
+      A* __restrict a1 = s1p;
+      A* __restrict a2 = s2p;
 #pragma omp simd
       for (i64 e = 0; e < m; ++e) {
-        const A d = to_acc(src[e]) - shp[e];
-        s1p[e] += d;
-        s2p[e] += d * d;
+        const A d = to_acc(src[e]) - sh[e];
+        a1[e] += d;
+        a2[e] += d * d;
       }
     };
     i64 p = 0;
