@@ -5,6 +5,7 @@ the guarantee on the device. Times both against torch.nn at 128x256x56x56, forwa
 forward+backward, with group norm (its looped backward) alongside. Not a test.
 
     python benchmarks/gpu_probe_bn.py            # CUDA
+    python benchmarks/gpu_probe_bn.py --dry-run  # CPU, small shape, one call each (a test)
 """
 
 from __future__ import annotations

@@ -52,3 +52,9 @@ def test_gpu_probe_vec_dry_run_variants_agree_with_the_formula() -> None:
     proc = _script("gpu_probe_vec.py")
     lines = [ln for ln in proc.stdout.splitlines() if "max rel err" in ln]
     assert len(lines) == 6 and all(ln.endswith(" ok") for ln in lines), proc.stdout
+
+
+def test_gpu_probe_bn_dry_run_times_every_module_and_pass() -> None:
+    proc = _script("gpu_probe_bn.py")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.rstrip().endswith(" us")]
+    assert len(lines) == 20, proc.stdout  # 5 modules x 2 layouts x (fwd, fwd+bwd)
