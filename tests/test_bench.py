@@ -83,3 +83,19 @@ def test_bench_liger_is_cuda_only_and_optional() -> None:
     assert case.build("liger", torch.device("cpu"), torch.float32, 512) is None
     # without Liger installed the factory says so instead of raising
     assert bench._liger_module("batch_norm", 64) is None
+
+
+def test_bench_tiny_times_host_bound_shapes_on_every_op(tmp_path) -> None:
+    cases = bench._cases(False, None, tiny=True)
+    assert {c.name for c in cases} == {c.name for c in bench._cases(False, None)}
+    assert {c.shape for c in cases} == {(8, 64), (2, 32, 4, 4)}
+    # group norm's 32 groups divide the tiny images' channels
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = tmp_path / "tiny.json"
+    args = parser.parse_args(["--tiny", "--ops", "group_norm", "--repeats", "1",
+                              "--min-time", "0", "--json", str(out)])
+    assert bench.run(args) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["tiny"] is True
+    assert {tuple(r["shape"]) for r in data["results"]} == {(2, 32, 4, 4)}

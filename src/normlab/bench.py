@@ -209,10 +209,15 @@ def _builder(kind: str) -> Callable[[str, torch.device, torch.dtype], nn.Module 
     return build  # type: ignore[return-value]
 
 
-def _cases(quick: bool, ops: list[str] | None, gpu: bool = False) -> list[Case]:
+def _cases(quick: bool, ops: list[str] | None, gpu: bool = False,
+           tiny: bool = False) -> list[Case]:
     rows = [(256, 512)] if quick else [(4096, 1024), (16384, 768)]
     images = [(4, 64, 16, 16)] if quick else [(32, 64, 56, 56)]
-    if gpu and not quick:
+    if tiny:
+        # So small that a call's time is its host time (Python, dispatch, allocation, launch):
+        # what a model of many small norms, or a GPU whose kernels outrun the host, pays.
+        rows, images = [(8, 64)], [(2, 32, 4, 4)]
+    elif gpu and not quick:
         # The shapes above fit in an H100's 50 MB L2; these stream from HBM, as Liger's own
         # benchmark (4096 x 16384) does.
         rows.append((4096, 16384))
@@ -429,6 +434,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds per timed sample (default 0.05, quick 0.002)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the torch.nn twin (slow to compile)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="host-bound shapes instead (8x64 rows, 2x32x4x4 images): times the "
+                             "per-call overhead of Python, dispatch and allocation")
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads before timing (default: torch's)")
@@ -478,7 +486,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     dtype = getattr(torch, args.dtype)
     try:
-        cases = _cases(args.quick, args.ops, gpu=device.type == "cuda")
+        cases = _cases(args.quick, args.ops, gpu=device.type == "cuda",
+                       tiny=getattr(args, "tiny", False))
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
@@ -492,6 +501,7 @@ def run(args: argparse.Namespace) -> int:
         "normlab": normlab.__version__,
         "python": platform.python_version(),
         "quick": bool(args.quick),
+        "tiny": bool(getattr(args, "tiny", False)),
         "keep_freed_memory": bool(getattr(args, "keep_freed_memory", False)),
     }
     records: list[dict[str, Any]] = []
