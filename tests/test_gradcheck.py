@@ -40,9 +40,20 @@ def test_gradcheck(name):
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_double_backward_is_refused_with_a_clear_error():
+@pytest.mark.parametrize("op", ["layer_norm", "batch_norm", "batch_norm_act", "add_layer_norm"])
+def test_double_backward_is_refused_with_a_clear_error(op):
+    from normlab.functional import fused
+
     x = _t(4, 3)
-    y = F.layer_norm(x, (3,))
-    (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad|double"):
+    y = {
+        "layer_norm": lambda: F.layer_norm(x, (3,)),
+        "batch_norm": lambda: F.batch_norm(x, None, None, training=True),
+        "batch_norm_act": lambda: fused.batch_norm_act(x, None, None, training=True,
+                                                       activation="silu"),
+        "add_layer_norm": lambda: fused.add_layer_norm(x, _t(4, 3, seed=1), (3,))[0],
+    }[op]()
+    # `* x`: the gradient also flows around the norm, so it has a graph and a double backward
+    # would run; without the refusal it would silently drop the norm's second derivative.
+    (g,) = torch.autograd.grad((y * x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable"):
         g.sum().backward()

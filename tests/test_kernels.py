@@ -291,6 +291,39 @@ def test_every_kernel_schedule_matches_the_reference(op: str, shape: tuple[int, 
                                    rtol=1e-4)
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm"])
+@pytest.mark.parametrize("shape", [
+    (3, 5000),  # at most cpu._ONE_CHUNK elements: one chunk writes the parameter sums itself
+    (40, 1000),  # more: per-chunk partials, summed after the kernel
+])
+def test_both_row_backward_schedules_match_the_reference(op: str, shape: tuple[int, int],
+                                                         no_fallback) -> None:
+    from normlab.functional import fused
+    from normlab.kernels import cpu
+
+    assert (shape[0] * shape[1] <= cpu._ONE_CHUNK) == (shape == (3, 5000))
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=g) * 2 + 1).requires_grad_(True)
+    r = torch.randn(shape, generator=g).requires_grad_(True)
+    w = (torch.randn(shape[1], generator=g) + 1).requires_grad_(True)
+    b = torch.randn(shape[1], generator=g).requires_grad_(True)
+    call = {
+        "layer_norm": lambda x, r, w, b: F.layer_norm(x, x.shape[-1:], w, b) + 0 * r,
+        "rms_norm": lambda x, r, w, b: F.rms_norm(x, x.shape[-1:], w) + 0 * (r + b),
+        "add_layer_norm": lambda x, r, w, b: fused.add_layer_norm(x, r, x.shape[-1:], w, b)[0],
+    }[op]
+    grad = torch.randn(shape, generator=g)
+    out = call(x, r, w, b)
+    got = (out, *torch.autograd.grad(out, [x, r, w, b], grad))
+    with kernels.use_reference():
+        leaves = [t.detach().double().requires_grad_(True) for t in (x, r, w, b)]
+        ref = call(*leaves)
+        want = (ref, *torch.autograd.grad(ref, leaves, grad.double()))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a.double(), e, atol=1e-4 * max(1.0, e.abs().max().item()),
+                                   rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
     # Long rows whose sum would saturate or round away in 16-bit accumulation.

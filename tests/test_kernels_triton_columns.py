@@ -74,7 +74,7 @@ def _setup(name: str, dtype: torch.dtype, seed: int):
     assert plan is not None and plan.kind == "col"
     d = plan.dims
     assert (d["O"], d["P"], d["C"], d["G"]) == dims
-    assert plan.x is x
+    assert plan.input(x) is x
     return g, op, x, layout, w, b, stats, plan, fixed
 
 
@@ -95,9 +95,9 @@ def _run(tc, x, w, b, layout, plan, stats, act, dy, need_dx, eps=1e-5):
     if stats is not None:
         mean, var = (t.to(f32, copy=True) for t in stats)
         given = (mean, var, (var + eps).rsqrt())
-    out = tc.col_forward(plan.x, wf, bf, d["O"], d["P"], d["C"], d["G"], eps, plan.stats_shape,
+    out = tc.col_forward(plan.input(x), wf, bf, d["O"], d["P"], d["C"], d["G"], eps, plan.stats_shape,
                          given, act)
-    grads = tc.col_backward(dy, plan.x, wf, bf, out[1], out[3], d["O"], d["P"], d["C"], d["G"],
+    grads = tc.col_backward(dy, plan.input(x), wf, bf, out[1], out[3], d["O"], d["P"], d["C"], d["G"],
                             stats is None, need_dx, act)
     return out, grads
 
@@ -210,7 +210,7 @@ def test_columns_large_offset(tc, monkeypatch) -> None:
     plan = cpu._plan("batch_norm", x, layout, False)
     d = plan.dims
     ones, zeros = torch.ones(5), torch.zeros(5)
-    y, _mean, var, _invstd = tc.col_forward(plan.x, ones, zeros, d["O"], d["P"], d["C"], d["G"],
+    y, _mean, var, _invstd = tc.col_forward(plan.input(x), ones, zeros, d["O"], d["P"], d["C"], d["G"],
                                             1e-5, plan.stats_shape, None, 0)
     ref = fused.norm_act_forward(x.double(), None, None, layout, 1e-5, None, None)
     torch.testing.assert_close(var.double(), ref[2], atol=0, rtol=1e-5)

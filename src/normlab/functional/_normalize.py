@@ -139,6 +139,8 @@ _REFERENCE = kernels.Kernel(forward=normalize_forward, backward=normalize_backwa
 
 
 class _Normalize(torch.autograd.Function):
+    # One output: the statistics leave through `stats_out` instead (each extra output of an
+    # autograd function, and marking it non-differentiable, is host time on every call).
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -150,39 +152,48 @@ class _Normalize(torch.autograd.Function):
         eps: float,
         fixed_mean: Tensor | None,
         fixed_var: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        stats_out: list[Tensor],
+    ) -> Tensor:
         kernel = kernels.select(op, x, _REFERENCE)
         stats = _own_copies(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        # mean and var never receive gradients: no zero tensors built for them in every backward
-        ctx.set_materialize_grads(False)
-        return out, mean, var
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        stats_out += (mean, var)
+        return out
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor | None, _gm: Any, _gv: Any) -> tuple[Any, ...]:
-        if grad_out is None:
-            return (None,) * 8
-        x, weight, mean, invstd = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-            _like_input(grad_out, x),
-            x,
-            weight,
-            mean,
-            invstd,
-            ctx.layout,
-            ctx.batch_stats,
-            needs,
-        )
-        if grad_bias is not None:
-            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        return once_differentiable_backward(_normalize_backward, ctx, grad_out)
+
+
+def _normalize_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+    x, weight, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = ctx.kernel.backward(
+        _like_input(grad_out, x),
+        x,
+        weight,
+        mean,
+        invstd,
+        ctx.layout,
+        ctx.batch_stats,
+        (needs[0], needs[1], needs[2]),
+    )
+    if grad_bias is not None:
+        grad_bias = kernels.as_param_grad(grad_bias, *ctx.bias_meta)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def once_differentiable_backward(backward: Any, ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    """Run a hand-written (not differentiable) backward: directly in the common case, and under
+    torch's ``once_differentiable`` when grad mode is on (``create_graph=True``), so that a
+    double backward raises instead of silently returning a graph-less gradient. The decorator
+    itself costs several microseconds on every backward."""
+    if torch.is_grad_enabled():
+        return once_differentiable(backward)(ctx, *grads)
+    return backward(ctx, *grads)
 
 
 def _own_copies(fixed_mean: Tensor | None,
@@ -220,7 +231,9 @@ def normalize(
             x, weight, bias, layout, eps, stats)
         return out, mean, var
     fixed_mean, fixed_var = (None, None) if stats is None else stats
-    return _Normalize.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var)
+    stats_out: list[Tensor] = []
+    out = _Normalize.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var, stats_out)
+    return out, stats_out[0], stats_out[1]
 
 
 def needs_graph(*tensors: Tensor | None) -> bool:

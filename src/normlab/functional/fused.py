@@ -28,16 +28,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from normlab import kernels
 from normlab.functional import _validate as v
 from normlab.functional._normalize import (
     Layout,
+    _like_input,
     _own_copies,
     needs_graph,
     normalize_backward,
     normalize_forward,
+    once_differentiable_backward,
 )
 from normlab.functional.batch_norm import (
     check_batch_norm_args,
@@ -165,64 +166,67 @@ class _AddNorm(torch.autograd.Function):
                                                     activation)
         ctx.save_for_backward(s, weight, bias, mean, invstd)
         ctx.kernel, ctx.layout, ctx.activation = kernel, layout, activation
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         ctx.set_materialize_grads(False)
         return out, s
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor | None) -> tuple[Any, ...]:
-        s, weight, bias, mean, invstd = ctx.saved_tensors
-        need_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        needs = (need_input, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        if grad_out is not None:
-            grad_out = grad_out.contiguous()
-        if grad_sum is not None:
-            grad_sum = grad_sum.contiguous()
-        grad_s, grad_weight, grad_bias = ctx.kernel.backward(
-            grad_out, grad_sum, s, weight, bias, mean, invstd, ctx.layout, needs, ctx.activation
-        )
-        if grad_bias is not None:
-            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
-        return (grad_s if ctx.needs_input_grad[0] else None,
-                grad_s if ctx.needs_input_grad[1] else None,
-                grad_weight, grad_bias, None, None, None, None)
+        return once_differentiable_backward(_add_norm_backward, ctx, grad_out, grad_sum)
+
+
+def _add_norm_backward(ctx: Any, grad_out: Tensor | None,
+                       grad_sum: Tensor | None) -> tuple[Any, ...]:
+    s, weight, bias, mean, invstd = ctx.saved_tensors
+    need_input = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    needs = (need_input, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    if grad_out is not None:
+        grad_out = grad_out.contiguous()
+    if grad_sum is not None:
+        grad_sum = grad_sum.contiguous()
+    grad_s, grad_weight, grad_bias = ctx.kernel.backward(
+        grad_out, grad_sum, s, weight, bias, mean, invstd, ctx.layout, needs, ctx.activation
+    )
+    if grad_bias is not None:
+        grad_bias = kernels.as_param_grad(grad_bias, *ctx.bias_meta)
+    return (grad_s if ctx.needs_input_grad[0] else None,
+            grad_s if ctx.needs_input_grad[1] else None,
+            grad_weight, grad_bias, None, None, None, None)
 
 
 class _NormAct(torch.autograd.Function):
+    # As _Normalize: one output, the statistics through `stats_out`.
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str,
         layout: Layout, eps: float, fixed_mean: Tensor | None, fixed_var: Tensor | None,
-        activation: str | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        activation: str | None, stats_out: list[Tensor],
+    ) -> Tensor:
         kernel = kernels.select(op, x, _NORM_ACT_REFERENCE)
         stats = _own_copies(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
         ctx.activation = activation
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # as _Normalize: no zero grads for mean and var
-        return out, mean, var
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        stats_out += (mean, var)
+        return out
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor | None, _gm: Any, _gv: Any) -> tuple[Any, ...]:
-        if grad_out is None:
-            return (None,) * 9
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-            _like(grad_out, x), x, weight, bias, mean, invstd, ctx.layout, ctx.batch_stats, needs,
-            ctx.activation,
-        )
-        if grad_bias is not None:
-            grad_bias = kernels.as_param_grad(grad_bias, ctx.bias_shape, ctx.bias_dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+        return once_differentiable_backward(_norm_act_backward, ctx, grad_out)
+
+
+def _norm_act_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_input, grad_weight, grad_bias = ctx.kernel.backward(
+        _like_input(grad_out, x), x, weight, bias, mean, invstd, ctx.layout, ctx.batch_stats,
+        (needs[0], needs[1], needs[2]), ctx.activation,
+    )
+    if grad_bias is not None:
+        grad_bias = kernels.as_param_grad(grad_bias, *ctx.bias_meta)
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: Layout,
@@ -233,17 +237,10 @@ def _norm_act(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, la
         kernel = kernels.select(op, x, _NORM_ACT_REFERENCE)
         out, mean, var, _invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
         return out, mean, var
-    return _NormAct.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var, activation)
-
-
-def _like(grad: Tensor, x: Tensor) -> Tensor:
-    """The gradient in x's memory layout (channels_last stays channels_last), copied only when
-    the strides differ."""
-    if grad.stride() == x.stride():
-        return grad
-    out = torch.empty_like(x, dtype=grad.dtype)
-    out.copy_(grad)
-    return out
+    stats_out: list[Tensor] = []
+    out = _NormAct.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var, activation,
+                         stats_out)
+    return out, stats_out[0], stats_out[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,6 +143,9 @@ def _row_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, R: int, K: int, S: i
     return y, mean, var, invstd, s  # type: ignore[return-value]
 
 
+_ONE_CHUNK = 16384  # elements up to which a layer/RMS-norm backward runs as one chunk
+
+
 def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor,
                   invstd: Tensor, R: int, K: int, S: int, Gp: int, smod: int, center: bool,
                   batch_stats: bool, need_dx: bool, act: int = 0,
@@ -151,13 +154,23 @@ def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     cd = w.dtype
     dx = torch.empty_like(x) if need_dx else None
     per_elem = S == 1 and Gp == 1  # layer/RMS norm: partials per chunk of rows
+    mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
+    if per_elem and R * K <= _ONE_CHUNK:
+        # One thread's work: the single chunk's partials are the sums (no buffer, no sum op).
+        gw, gb = torch.empty(K, dtype=cd), torch.empty(K, dtype=cd)
+        _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
+                                   _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
+                                   b.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
+                                   int(center), int(batch_stats), gw.data_ptr(), gb.data_ptr(),
+                                   1),
+               "row_backward")
+        return dx, gw, gb
     nchunk = max(1, min(R, 64)) if per_elem else 0
     # Weight and bias partials in one buffer ([nchunk][K] or [R][K] each; R is a multiple of
     # Gp), summed over the leading dim by one op.
     parts = torch.empty(2, nchunk, K, dtype=cd) if per_elem else \
         torch.empty(2, R // Gp, Gp * K, dtype=cd)
     half = parts.numel() // 2 * parts.element_size()
-    mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
     _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
                                _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
                                b.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
@@ -221,16 +234,44 @@ def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
 
 
 class _Plan:
-    """How one op's input maps onto a canonical kernel problem."""
+    """How inputs of one geometry map onto a canonical kernel problem; cached per geometry (the
+    same plan serves an op's forward and backward, and every later call on that shape).
 
-    def __init__(self, kind: str, x: Tensor, dims: dict[str, int], nparam: int,
+    ``contiguous``: the kernel reads ``x.contiguous()`` (the row problems); otherwise ``x``
+    itself (the column problems read channels_last strides as they are).
+    """
+
+    __slots__ = ("contiguous", "dims", "kind", "nparam", "stats_shape")
+
+    def __init__(self, kind: str, dims: dict[str, int], nparam: int,
                  stats_shape: tuple[int, ...]) -> None:
-        self.kind, self.x, self.dims = kind, x, dims
-        self.nparam, self.stats_shape = nparam, stats_shape
+        self.kind, self.dims, self.nparam, self.stats_shape = kind, dims, nparam, stats_shape
+        self.contiguous = kind != "col"
+
+    def input(self, x: Tensor) -> Tensor:
+        """`x` as this plan's kernels read it."""
+        return x.contiguous() if self.contiguous else x
+
+
+_PLANS: dict[tuple[Any, ...], _Plan | None] = {}
+_MAX_PLANS = 4096  # many distinct shapes (e.g. variable sequence lengths): start over
 
 
 def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
     """The canonical problem for `op` on `x`, or None to use the reference."""
+    key = (op, x.shape, x.stride(), layout, fixed)
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    plan = _make_plan(op, x, layout, fixed)
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _make_plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
     nd = x.dim()
     if x.numel() == 0:
         return None
@@ -239,8 +280,7 @@ def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
         if fixed or layout.reduce_dims != tuple(range(nd - k, nd)):
             return None
         M = math.prod(layout.param_shape)
-        xc = x.contiguous()
-        return _Plan("row", xc, {"R": x.numel() // M, "K": M, "S": 1, "Gp": 1}, M,
+        return _Plan("row", {"R": x.numel() // M, "K": M, "S": 1, "Gp": 1}, M,
                      (*x.shape[: nd - k], *(1,) * k))
     if op in ("group_norm", "group_norm_act"):
         if fixed or nd < 3 or layout.reduce_dims != tuple(range(2, nd)):
@@ -249,9 +289,8 @@ def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
         S = math.prod(x.shape[3:])
         shape = (N, G, *(1,) * (nd - 2))
         if not x.is_contiguous() and _channels_last(x, 2):
-            return _Plan("col", x, {"O": N, "P": S, "C": G * K, "G": G, "nchan": 2}, G * K,
-                         shape)
-        return _Plan("row", x.contiguous(), {"R": N * G, "K": K, "S": S, "Gp": G}, G * K, shape)
+            return _Plan("col", {"O": N, "P": S, "C": G * K, "G": G, "nchan": 2}, G * K, shape)
+        return _Plan("row", {"R": N * G, "K": K, "S": S, "Gp": G}, G * K, shape)
     if op in ("batch_norm", "batch_norm_act", "instance_norm"):
         if nd < 2:
             return None
@@ -264,15 +303,13 @@ def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
         shape = (N, C, *(1,) * (nd - 2)) if per_sample else (1, C, *(1,) * (nd - 2))
         if _channels_last(x):
             if per_sample:
-                return _Plan("col", x, {"O": N, "P": S, "C": C, "G": C}, C, shape)
-            return _Plan("col", x, {"O": 1, "P": N * S, "C": C, "G": C}, C, shape)
-        xc = x.contiguous()
+                return _Plan("col", {"O": N, "P": S, "C": C, "G": C}, C, shape)
+            return _Plan("col", {"O": 1, "P": N * S, "C": C, "G": C}, C, shape)
         if per_sample:
-            return _Plan("row", xc, {"R": N * C, "K": 1, "S": S, "Gp": C}, C, shape)
+            return _Plan("row", {"R": N * C, "K": 1, "S": S, "Gp": C}, C, shape)
         if fixed:
-            return _Plan("row_fixed", xc, {"R": N * C, "K": 1, "S": S, "Gp": C, "smod": C}, C,
-                         shape)
-        return _Plan("bn_rows", xc, {"N": N, "C": C, "S": S}, C, shape)
+            return _Plan("row_fixed", {"R": N * C, "K": 1, "S": S, "Gp": C, "smod": C}, C, shape)
+        return _Plan("bn_rows", {"N": N, "C": C, "S": S}, C, shape)
     return None
 
 
@@ -286,6 +323,7 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     lib = _lib(x, act)
     if lib is None:
         return None
+    xk = plan.input(x)
     cd = _cdtype(x.dtype)
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
@@ -293,26 +331,26 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     given = None if stats is None else fixed_stats(stats, cd)
     if plan.kind == "row":
         res = None if residual is None else residual.contiguous()
-        y, mean, var, invstd, s = _row_forward(lib, plan.x, w, b, d["R"], d["K"], d["S"], d["Gp"],
+        y, mean, var, invstd, s = _row_forward(lib, xk, w, b, d["R"], d["K"], d["S"], d["Gp"],
                                                eps, layout.center, plan.stats_shape, act, res)
         return (y, mean, var, invstd, s) if residual is not None else (y, mean, var, invstd)
     if plan.kind == "col":
-        return _col_forward(lib, plan.x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
+        return _col_forward(lib, xk, w, b, d["O"], d["P"], d["C"], d["G"], eps,
                             plan.stats_shape, given, act)
     if plan.kind == "row_fixed":
         assert given is not None
-        y = torch.empty_like(plan.x)
+        y = torch.empty_like(xk)
         mean, var, invstd = given
-        _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
+        _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, xk.data_ptr(), y.data_ptr(),
                                     d["R"], d["K"], d["S"], d["Gp"], d["smod"], w.data_ptr(),
                                     b.data_ptr(), mean.data_ptr(), var.data_ptr(), float(eps),
                                     invstd.data_ptr()),
                "row_normalize")
         return y, mean, var, invstd
     # bn_rows
-    y = torch.empty_like(plan.x)
+    y = torch.empty_like(xk)
     mean, var, invstd = new_stats(plan.stats_shape, cd)
-    _check(lib.nl_bn_rows_forward(DTYPE_CODES[x.dtype], act, plan.x.data_ptr(), y.data_ptr(),
+    _check(lib.nl_bn_rows_forward(DTYPE_CODES[x.dtype], act, xk.data_ptr(), y.data_ptr(),
                                   d["N"], d["C"], d["S"], w.data_ptr(), b.data_ptr(), float(eps),
                                   mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
            "bn_rows_forward")
@@ -329,27 +367,28 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
     lib = _lib(x, act)
     if lib is None:
         return None
+    xk = plan.input(x)
     cd = mean.dtype
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
     d = plan.dims
-    dy = grad_out if plan.kind == "col" else _like(plan.x, grad_out)
+    dy = grad_out if plan.kind == "col" else _like(xk, grad_out)
     if plan.kind == "row":
-        de = None if dextra is None else _like(plan.x, dextra)
-        dx, gw, gb = _row_backward(lib, dy, plan.x, w, b, mean, invstd, d["R"], d["K"], d["S"],
+        de = None if dextra is None else _like(xk, dextra)
+        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, d["R"], d["K"], d["S"],
                                    d["Gp"], 0, layout.center, batch_stats, needs[0], act, de)
     elif plan.kind == "row_fixed":
-        dx, gw, gb = _row_backward(lib, dy, plan.x, w, b, mean, invstd, d["R"], d["K"], d["S"],
+        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, d["R"], d["K"], d["S"],
                                    d["Gp"], d["smod"], True, False, needs[0], act)
     elif plan.kind == "col":
-        dx, gw, gb = _col_backward(lib, dy, plan.x, w, b, mean, invstd, d["O"], d["P"], d["C"],
+        dx, gw, gb = _col_backward(lib, dy, xk, w, b, mean, invstd, d["O"], d["P"], d["C"],
                                    d["G"], batch_stats, needs[0], act, d.get("nchan", 1))
     else:  # bn_rows
-        dx = torch.empty_like(plan.x) if needs[0] else None
+        dx = torch.empty_like(xk) if needs[0] else None
         gw, gb = torch.empty(2, d["C"], dtype=cd).unbind(0)
         mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
         _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
-                                       plan.x.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
+                                       xk.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
                                        w.data_ptr(), b.data_ptr(), mean.data_ptr(),
                                        invstd.data_ptr(), gw.data_ptr(), gb.data_ptr()),
                "bn_rows_backward")

@@ -450,13 +450,13 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
     b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
     if plan.kind == "col":  # channels_last: the column kernels
-        return triton_columns.col_forward(plan.x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
+        return triton_columns.col_forward(x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
                                           plan.stats_shape, given, act)
     K, S = d.get("K", 1), d["S"]
     blocks = _blocks(K, S)
     if blocks is None:
         return None
-    xc = plan.x
+    xc = plan.input(x)
     y = torch.empty_like(xc)
     common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1],
               "num_warps": _warps(blocks)}
@@ -506,12 +506,12 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
     w = cpu._param(weight, plan.nparam, f32, 1.0, str(x.device))
     b = cpu._param(bias, plan.nparam, f32, 0.0, str(x.device))
     if plan.kind == "col":
-        dx, gw, gb = triton_columns.col_backward(grad_out, plan.x, w, b, mean, invstd, d["O"],
+        dx, gw, gb = triton_columns.col_backward(grad_out, x, w, b, mean, invstd, d["O"],
                                                  d["P"], d["C"], d["G"], batch_stats, needs[0],
                                                  act)
     else:
-        grads = _rows_backward(plan, layout, grad_out, w, b, mean, invstd, batch_stats, needs,
-                               act, dextra)
+        grads = _rows_backward(plan, plan.input(x), layout, grad_out, w, b, mean, invstd,
+                               batch_stats, needs, act, dextra)
         if grads is None:
             return None
         dx, gw, gb = grads
@@ -520,9 +520,9 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
     return dx, grad_weight, gb if needs[2] else None
 
 
-def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tensor, mean: Tensor,
-                   invstd: Tensor, batch_stats: bool, needs: tuple[bool, bool, bool], act: int,
-                   dextra: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
+def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tensor, b: Tensor,
+                   mean: Tensor, invstd: Tensor, batch_stats: bool, needs: tuple[bool, bool, bool],
+                   act: int, dextra: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor | None] | None:
     """(dx, gw, gb) for the row plans, parameter gradients summed to ``(nparam,)``; None when a
     row is too long for the kernels. gb may be None when ``needs[2]`` is off."""
     need_dx = needs[0]
@@ -531,7 +531,6 @@ def _rows_backward(plan: Any, layout: Any, grad_out: Tensor, w: Tensor, b: Tenso
     blocks = _blocks(K, S)
     if blocks is None:
         return None
-    xc = plan.x
     dev, f32 = xc.device, torch.float32
     dy = cpu._like(xc, grad_out)
     mean, invstd = cpu._flat(mean), cpu._flat(invstd)
