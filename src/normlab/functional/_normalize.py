@@ -29,6 +29,7 @@ weight and the per-group ``mean`` and ``invstd`` in the compute dtype, never the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,27 @@ class Layout:
     reduce_dims: tuple[int, ...]
     param_shape: tuple[int, ...]
     center: bool = True
+
+
+# Layouts are interned per geometry (cached factories): building one per call costs more than the
+# lookup, and the kernels' plan caches key on them.
+
+
+@functools.lru_cache(maxsize=256)
+def trailing_layout(ndim: int, shape: tuple[int, ...], center: bool = True) -> Layout:
+    """Statistics over the trailing ``len(shape)`` dims of an `ndim`-dim input, parameters of
+    `shape` (layer and RMS norm)."""
+    return Layout(reduce_dims=tuple(range(ndim - len(shape), ndim)), param_shape=shape,
+                  center=center)
+
+
+@functools.lru_cache(maxsize=256)
+def grouped_layout(ndim: int, groups: int, per_group: int) -> Layout:
+    """Statistics per (sample, group) of an input viewed as (N, G, C/G, *spatial) with `ndim`
+    dims; per-channel parameters (group norm)."""
+    spatial = tuple(range(3, ndim))
+    return Layout(reduce_dims=(2, *spatial),
+                  param_shape=(1, groups, per_group, *(1,) * len(spatial)))
 
 
 def _param_sum_dims(layout: Layout, ndim: int) -> list[int]:

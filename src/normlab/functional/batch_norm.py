@@ -8,6 +8,7 @@ into one fixed affine map per channel. Math and backward: :mod:`normlab.function
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=256)
 def batch_norm_layout(ndim: int, num_channels: int) -> Layout:
     """Statistics per channel (dim 1) over the batch and all spatial dims."""
     spatial = tuple(range(2, ndim))

@@ -35,10 +35,12 @@ from normlab.functional._normalize import (
     Layout,
     _like_input,
     _own_copies,
+    grouped_layout,
     needs_graph,
     normalize_backward,
     normalize_forward,
     once_differentiable_backward,
+    trailing_layout,
 )
 from normlab.functional.batch_norm import (
     check_batch_norm_args,
@@ -266,9 +268,7 @@ def _add_norm(op: str, name: str, input: Tensor, residual: Tensor,
     v.check_eps(name, eps)
     v.check_param(name, "weight", weight, input, shape)
     v.check_param(name, "bias", bias, input, shape)
-    k = len(shape)
-    layout = Layout(reduce_dims=tuple(range(input.dim() - k, input.dim())), param_shape=shape,
-                    center=center)
+    layout = trailing_layout(input.dim(), shape, center)
     if not needs_graph(input, residual, weight, bias):  # inference: no autograd node
         kernel = kernels.select(op, input, _ADD_NORM_REFERENCE)
         out, s, *_ = kernel.forward(input, residual, weight, bias, layout, eps, activation)
@@ -415,10 +415,6 @@ def group_norm_act(
     v.check_param(op, "weight", weight, input, (c,))
     v.check_param(op, "bias", bias, input, (c,))
     grouped = input.unflatten(1, (num_groups, c // num_groups))
-    spatial = tuple(range(3, grouped.dim()))
-    layout = Layout(
-        reduce_dims=(2, *spatial),
-        param_shape=(1, num_groups, c // num_groups, *(1,) * len(spatial)),
-    )
+    layout = grouped_layout(grouped.dim(), num_groups, c // num_groups)
     out = _norm_act(grouped, weight, bias, op, layout, eps, None, None, activation)[0]
     return out.flatten(1, 2)

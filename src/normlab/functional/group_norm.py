@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import grouped_layout, normalize
 
 __all__ = ["group_norm"]
 
@@ -42,9 +42,5 @@ def group_norm(
     v.check_param(op, "bias", bias, input, (c,))
     # Splitting dim 1 into (G, C/G) is a view for every stride pattern, channels_last included.
     grouped = input.unflatten(1, (num_groups, c // num_groups))
-    spatial = tuple(range(3, grouped.dim()))
-    layout = Layout(
-        reduce_dims=(2, *spatial),
-        param_shape=(1, num_groups, c // num_groups, *(1,) * len(spatial)),
-    )
+    layout = grouped_layout(grouped.dim(), num_groups, c // num_groups)
     return normalize(grouped, weight, bias, op, layout, eps)[0].flatten(1, 2)

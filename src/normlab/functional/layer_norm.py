@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import normalize, trailing_layout
 
 __all__ = ["layer_norm"]
 
@@ -39,6 +39,4 @@ def layer_norm(
     v.check_eps(op, eps)
     v.check_param(op, "weight", weight, input, shape)
     v.check_param(op, "bias", bias, input, shape)
-    k = len(shape)
-    layout = Layout(reduce_dims=tuple(range(input.dim() - k, input.dim())), param_shape=shape)
-    return normalize(input, weight, bias, op, layout, eps)[0]
+    return normalize(input, weight, bias, op, trailing_layout(input.dim(), shape), eps)[0]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import normalize, trailing_layout
 from normlab.functional.moments import compute_dtype
 
 __all__ = ["rms_norm"]
@@ -44,8 +44,5 @@ def rms_norm(
         eps = torch.finfo(compute_dtype(input.dtype)).eps
     v.check_eps(op, eps)
     v.check_param(op, "weight", weight, input, shape)
-    k = len(shape)
-    layout = Layout(
-        reduce_dims=tuple(range(input.dim() - k, input.dim())), param_shape=shape, center=False
-    )
+    layout = trailing_layout(input.dim(), shape, center=False)
     return normalize(input, weight, None, op, layout, eps)[0]

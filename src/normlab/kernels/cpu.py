@@ -33,12 +33,7 @@ ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
 
 
 def _applies(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in DTYPE_CODES and x.layout == torch.strided
-            and _build.available())
-
-
-def _cdtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return x.is_cpu and x.dtype in DTYPE_CODES and x.layout == torch.strided and _build.available()
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -101,7 +96,7 @@ def new_stats(shape: tuple[int, ...], cdtype: torch.dtype,
               device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
     """Empty (mean, var, invstd) outputs of `shape`: views of one allocation (two ops, not
     three). Shared by the CPU and Triton kernels."""
-    return torch.empty((3, *shape), dtype=cdtype, device=device).unbind(0)
+    return torch.empty(3, *shape, dtype=cdtype, device=device).unbind(0)
 
 
 def fixed_stats(stats: tuple[Tensor, Tensor],
@@ -124,10 +119,6 @@ def _reference() -> Any:
 
 # ------------------------------------------------------------------------------------------------
 # Launchers. All take contiguous-in-the-right-order inputs and flat float parameter vectors.
-
-
-def _lib(x: Tensor, act: int) -> Any:
-    return _build.library(DTYPE_CODES[x.dtype], act != 0)
 
 
 def _row_forward(lib: Any, x: Tensor, w: Tensor, b: Tensor, R: int, K: int, S: int, Gp: int,
@@ -320,11 +311,11 @@ def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, lay
     plan = _plan(op, x, layout, stats is not None)
     if plan is None or (residual is not None and plan.kind != "row"):
         return None
-    lib = _lib(x, act)
+    lib = _build.library(DTYPE_CODES[x.dtype], act != 0)
     if lib is None:
         return None
     xk = plan.input(x)
-    cd = _cdtype(x.dtype)
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
     d = plan.dims
@@ -364,7 +355,7 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
     plan = _plan(op, x, layout, not batch_stats)
     if plan is None:
         return None
-    lib = _lib(x, act)
+    lib = _build.library(DTYPE_CODES[x.dtype], act != 0)
     if lib is None:
         return None
     xk = plan.input(x)
