@@ -467,3 +467,44 @@ def test_backward_reads_non_contiguous_statistics(op: str, shape: tuple[int, ...
                               batch_stats, needs)
     for a, e in zip(got, want):
         torch.testing.assert_close(a.reshape(e.shape), e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 0.9, 1.0])
+def test_running_stats_kernel_matches_the_reference(dtype: torch.dtype, momentum: float) -> None:
+    import importlib
+
+    reference = importlib.import_module("normlab.functional.batch_norm").update_running_stats
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(1, 7, 1, 1, generator=g, dtype=dtype) * 3
+    var = torch.rand(1, 7, 1, 1, generator=g, dtype=dtype) * 2
+    start = (torch.randn(7, generator=g, dtype=dtype), torch.rand(7, generator=g, dtype=dtype) + 1)
+    got, want = [t.clone() for t in start], [t.clone() for t in start]
+    assert kernels.select("running_stats", mean, None).name == "cpu:running_stats"
+    assert cpu.running_stats(*got, mean, var, 50, momentum, True) is True
+    assert reference(*want, mean, var, 50, momentum, True) is True
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=2 * torch.finfo(dtype).eps, atol=0)
+    # a NaN or inf statistic: nothing changes when checked, torch's commit when not
+    for bad in (float("nan"), float("inf")):
+        broken = var.clone()
+        broken[0, 3] = bad
+        kept = [t.clone() for t in start]
+        assert cpu.running_stats(*kept, mean, broken, 50, momentum, True) is False
+        assert all(torch.equal(a, e) for a, e in zip(kept, start))
+        assert cpu.running_stats(*kept, mean, broken, 50, momentum, False) is True
+        assert not torch.isfinite(kept[1][3]) and torch.isfinite(kept[1][:3]).all()
+
+
+def test_running_stats_kernel_hands_mixed_dtypes_to_the_reference(monkeypatch) -> None:
+    import importlib
+
+    bn = importlib.import_module("normlab.functional.batch_norm")
+    calls = []
+    original = bn.update_running_stats
+    monkeypatch.setattr(bn, "update_running_stats",
+                        lambda *a: calls.append(a[0].dtype) or original(*a))
+    rm, rv = torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16)
+    assert cpu.running_stats(rm, rv, torch.ones(1, 3), torch.ones(1, 3), 4, 0.5, True)
+    assert calls == [torch.float16]
+    torch.testing.assert_close(rm, torch.full((3,), 0.5, dtype=torch.float16))

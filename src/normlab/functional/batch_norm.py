@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from normlab import kernels
 from normlab.functional import _validate as v
 from normlab.functional._normalize import Layout, normalize
 
@@ -77,39 +78,53 @@ def commit_running_stats(
     later evaluation, so by default it is refused before anything changes (`on_nonfinite`:
     "error" raises naming the channels, "skip" warns and leaves the buffers alone, "commit" keeps
     torch's behaviour, "mask" leaves the buffers alone silently and without reading anything back
-    from the device: the update is selected on the device and the return value is that 0-dim
-    bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their dtype's largest
+    from the device: off the CPU the update is selected on the device and the return value is
+    that 0-dim bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their dtype's largest
     value instead of overflowing to inf.
     """
-    if on_nonfinite == "mask":
+    if on_nonfinite == "mask" and not mean.is_cpu:
         return _commit_masked(running_mean, running_var, mean, var, count, momentum)
-    # One scalar check on the common path; the per-channel search only runs on a bad batch.
-    if on_nonfinite != "commit" and _nonfinite_probe(mean, var).item() != 0:
-        bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
-        if bool(bad.any()):
-            channels = bad.nonzero().flatten().tolist()
-            shown = channels[:10] + (["..."] if len(channels) > 10 else [])
-            message = (
-                f"{op}: the batch statistics are NaN or infinite in channel(s) {shown} "
-                f"({len(channels)} of {bad.numel()}); the running statistics were not updated"
-            )
-            if on_nonfinite == "error":
-                raise FloatingPointError(
-                    message + ". Find the non-finite input, or pass on_nonfinite='skip' to "
-                    "drop such batches from the running statistics with a warning"
-                )
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            return False
+    kernel = kernels.select("running_stats", mean, _RUNNING_STATS_REFERENCE)
+    if kernel.forward(running_mean, running_var, mean, var, count, momentum,
+                      on_nonfinite != "commit"):
+        return True
+    if on_nonfinite == "mask":  # on the CPU the check reads nothing back from a device
+        return False
+    bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
+    channels = bad.nonzero().flatten().tolist()
+    shown = channels[:10] + (["..."] if len(channels) > 10 else [])
+    message = (
+        f"{op}: the batch statistics are NaN or infinite in channel(s) {shown} "
+        f"({len(channels)} of {bad.numel()}); the running statistics were not updated"
+    )
+    if on_nonfinite == "error":
+        raise FloatingPointError(
+            message + ". Find the non-finite input, or pass on_nonfinite='skip' to "
+            "drop such batches from the running statistics with a warning"
+        )
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return False
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float, check: bool) -> bool:
+    """Reference for the ``"running_stats"`` kernel: fold one batch into the buffers in place and
+    return True, or, with `check` and a NaN/inf statistic, change nothing and return False."""
+    # One scalar check on the common path (a read-back: on a GPU, a synchronization).
+    if check and _nonfinite_probe(mean, var).item() != 0:
+        return False
     with torch.no_grad():
         if running_mean.dtype == running_var.dtype == mean.dtype == var.dtype and \
                 running_mean.dtype not in (torch.float16, torch.bfloat16):
-            # The common case in place: three small ops instead of ten (each costs tens of
-            # microseconds of host time per training step on a GPU).
+            # The common case in place: three small ops instead of ten.
             running_mean.lerp_(mean.reshape(-1), momentum)
             running_var.lerp_(var.reshape(-1) * (count / max(count - 1, 1)), momentum)
-            return True
-        _write_running_stats(running_mean, running_var, mean, var, count, momentum)
+        else:
+            _write_running_stats(running_mean, running_var, mean, var, count, momentum)
     return True
+
+
+_RUNNING_STATS_REFERENCE = kernels.Kernel(forward=update_running_stats)
 
 
 def _write_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,

@@ -36,10 +36,11 @@ class Kernel:
     """A forward/backward pair with the reference's signatures (see ``functional/_normalize.py``).
 
     ``applies(x)`` says whether this kernel handles an input (device, dtype, layout, size).
+    Non-differentiable ops (the running-statistics update) have no backward.
     """
 
     forward: Callable[..., Any]
-    backward: Callable[..., Any]
+    backward: Callable[..., Any] | None = None
     name: str = "reference"
     applies: Callable[[Tensor], bool] = lambda x: True
 

@@ -37,7 +37,7 @@ import torch
 __all__ = ["available", "build_variants", "cache_dir", "library"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "normlab_cpu.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 _lock = threading.Lock()
 _libs: dict[tuple[int, bool], ctypes.CDLL] = {}
@@ -57,6 +57,7 @@ _SIGNATURES: dict[str, list] = {
                             _ptr, _ptr, _ptr],
     "nl_col_forward": [_int, _int, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _dbl, _int,
                        _ptr, _ptr, _ptr],
+    "nl_running_stats": [_int, _ptr, _ptr, _ptr, _ptr, _i64, _dbl, _dbl, _int],
     "nl_col_backward": [_int, _int, _ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64,
                         _ptr, _ptr, _ptr, _ptr, _int, _ptr, _ptr],
 }

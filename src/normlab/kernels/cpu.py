@@ -17,6 +17,7 @@ library cannot be built, every call runs the reference (after one warning).
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from normlab import kernels
 from normlab.kernels import _build
 
-__all__ = ["ACTIVATIONS", "DTYPE_CODES", "register_all"]
+__all__ = ["ACTIVATIONS", "DTYPE_CODES", "register_all", "running_stats"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
@@ -471,6 +472,33 @@ def _make_norm_act(op: str) -> kernels.Kernel:
     return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
 
 
+def _batch_norm_reference() -> Any:
+    # the module, not the function normlab.functional re-exports under the same name
+    return importlib.import_module("normlab.functional.batch_norm")
+
+
+def running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                  count: int, momentum: float, check: bool) -> bool:
+    """The ``"running_stats"`` kernel: one C++ call (see ``running_stats`` in the source) where
+    buffers and statistics are contiguous and all float32 or all float64; else the reference."""
+    dtype = mean.dtype
+    code = DTYPE_CODES.get(dtype)
+    lib = _build.library(code) if code in (0, 1) else None
+    if lib is None or not (running_mean.dtype == running_var.dtype == var.dtype == dtype
+                           and running_mean.is_cpu and running_var.is_cpu and var.is_cpu
+                           and mean.is_contiguous() and var.is_contiguous()
+                           and running_mean.is_contiguous() and running_var.is_contiguous()):
+        return _batch_norm_reference().update_running_stats(running_mean, running_var, mean,
+                                                            var, count, momentum, check)
+    rc = lib.nl_running_stats(code, mean.data_ptr(), var.data_ptr(), running_mean.data_ptr(),
+                              running_var.data_ptr(), running_mean.numel(),
+                              count / max(count - 1, 1), float(momentum), int(check))
+    if rc == 3:
+        return False
+    _check(rc, "running_stats")
+    return True
+
+
 def register_all() -> None:
     """Register the CPU kernels for the five norm ops and the fused ones (nothing is compiled
     here)."""
@@ -480,3 +508,5 @@ def register_all() -> None:
         kernels.register(op, _make_add_norm(op))
     for op in ("batch_norm_act", "group_norm_act"):
         kernels.register(op, _make_norm_act(op))
+    kernels.register("running_stats", kernels.Kernel(forward=running_stats, name="cpu:running_stats",
+                                                     applies=_applies))

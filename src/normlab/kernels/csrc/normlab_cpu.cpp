@@ -1183,6 +1183,30 @@ void col_backward(const T* dy, i64 sdo, i64 sdp, i64 sdc, const T* x, T* dx, i64
   });
 }
 
+// Running statistics of one batch-norm step, in place: rm <- lerp(rm, mean, momentum) and
+// rv <- lerp(rv, var * bessel, momentum), with torch.lerp's two-sided formula (the same numbers
+// as the reference's in-place ops). With `check`, a non-finite mean or variance in any channel
+// leaves both buffers untouched and returns 3. One call instead of the ~9 small torch ops (a
+// finiteness probe, its read-back, two lerps) that cost tens of microseconds per training step.
+template <class A>
+int running_stats(const A* mean, const A* var, A* rm, A* rv, i64 C, double bessel,
+                  double momentum, int check) {
+  if (check) {
+    for (i64 c = 0; c < C; ++c) {
+      if (!std::isfinite(mean[c]) || !std::isfinite(var[c])) return 3;
+    }
+  }
+  const A w = static_cast<A>(momentum), f = static_cast<A>(bessel);
+  auto lerp = [w](A a, A b) {
+    return std::abs(w) < A(0.5) ? a + w * (b - a) : b - (b - a) * (A(1) - w);
+  };
+  for (i64 c = 0; c < C; ++c) {
+    rm[c] = lerp(rm[c], mean[c]);
+    rv[c] = lerp(rv[c], var[c] * f);
+  }
+  return 0;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------
@@ -1230,7 +1254,7 @@ using T = fp16_t;
 
 extern "C" {
 
-int nl_abi_version() { return 2; }
+int nl_abi_version() { return 3; }
 int nl_dtype() { return NL_DTYPE; }
 
 int nl_row_forward(int dtype, int act, const void* x, const void* res, void* sum_out, void* y,
@@ -1290,6 +1314,14 @@ int nl_col_backward(int dtype, int act, const void* dy, i64 sdo, i64 sdp, i64 sd
               (col_backward<T, ACT>(P_(dy), sdo, sdp, sdc, P_(x), M_(dx), O, P, C, G, PA_(w),
                                     PA_(b), PA_(mean), PA_(rstd), batch_stats, MA_(gw),
                                     MA_(gb))))
+}
+
+int nl_running_stats(int dtype, const void* mean, const void* var, void* rm, void* rv, i64 C,
+                     double bessel, double momentum, int check) {
+  if (dtype != NL_DTYPE) return 1;
+  using A = acc_t<T>;
+  return running_stats<A>(static_cast<const A*>(mean), static_cast<const A*>(var),
+                          static_cast<A*>(rm), static_cast<A*>(rv), C, bessel, momentum, check);
 }
 
 }  // extern "C"
