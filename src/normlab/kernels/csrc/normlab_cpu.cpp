@@ -933,36 +933,41 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
       sh[o * C + c] = b[c] - lo * a[o * C + c];
     }
   };
-  // Normalizes chunk t with sample o's coefficients replicated in mr/ar/br.
-  auto normalize_chunk = [&](i64 t, const A* mrp, const A* arp, const A* brp) {
-    const i64 o = t / nb, p0 = (t % nb) * PB, n = std::min(PB, P - p0);
+  // Normalizes rows [p0, p0 + n) of sample o with its coefficients replicated in mr/ar/br.
+  auto normalize_rows = [&](i64 o, i64 p0, i64 n, const A* mrp, const A* arp, const A* brp) {
     const T* xb = x + (o * P + p0) * C;
     T* yb = y + (o * P + p0) * C;
-    auto run = [&](const T* xs, T* ys, i64 m) {
+    auto run = [&](const T* xs, T* ys, i64 m, i64 e0) {
 #pragma omp simd
       for (i64 e = 0; e < m; ++e) {
-        ys[e] = from_acc<T>(act_fwd<ACT>((to_acc(xs[e]) - mrp[e]) * arp[e] + brp[e]));
+        ys[e] = from_acc<T>(act_fwd<ACT>((to_acc(xs[e]) - mrp[e0 + e]) * arp[e0 + e] +
+                                         brp[e0 + e]));
       }
     };
-    // As in normalize_row: output lines prefetched for writing a stretch ahead, so each store's
-    // read-for-ownership overlaps the work before it (not with an activation: compute-bound).
-    const i64 ahead = ACT == ACT_NONE ? VC * static_cast<i64>(sizeof(T)) : 0;
-    const i64 end_bytes = n * C * static_cast<i64>(sizeof(T));
+    // As in normalize_row: each 1 KB of output is prefetched for writing 512 bytes ahead, so each
+    // store's read-for-ownership overlaps the work before it (not with an activation:
+    // compute-bound). One burst per 4 KB stretch instead measured 81% of copy speed on eval batch
+    // norm 32x64x56x56 channels_last, this 91-96% (eval 0.99x -> 1.10x torch; GN 1.10 -> 1.17x).
+    constexpr i64 kStep = 256, kAhead = 512;
     i64 p = 0;
     for (; p + V <= n; p += V) {
-      if (ahead > 0) {
-        char* yc = reinterpret_cast<char*>(yb + p * C);
-        const i64 off = p * C * static_cast<i64>(sizeof(T));
-        for (i64 q = ahead; q < 2 * ahead && off + q < end_bytes; q += 64) {
-          __builtin_prefetch(yc + q, 1);
+      const T* xs = xb + p * C;
+      T* ys = yb + p * C;
+      for (i64 e0 = 0; e0 < VC; e0 += kStep) {
+        const i64 m = std::min(kStep, VC - e0);
+        if constexpr (ACT == ACT_NONE) {
+          char* ahead = reinterpret_cast<char*>(ys + e0) + kAhead;
+          for (i64 q = 0; q < m * static_cast<i64>(sizeof(T)); q += 64) {
+            __builtin_prefetch(ahead + q, 1);
+          }
         }
+        run(xs + e0, ys + e0, m, e0);
       }
-      run(xb + p * C, yb + p * C, VC);
     }
-    for (; p < n; ++p) run(xb + p * C, yb + p * C, C);
+    for (; p < n; ++p) run(xb + p * C, yb + p * C, C, 0);
   };
   // Three VC-element arrays per thread: (shift, sum, sum of squares) for chunk_stats, then
-  // (mean, scale, shift) replicated for normalize_chunk.
+  // (mean, scale, shift) replicated for normalize_rows.
   struct Scratch {
     std::vector<A> u, v, z;
     explicit Scratch(i64 n) : u(n), v(n), z(n) {}
@@ -984,9 +989,7 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
         for (i64 g = 0; g < G; ++g) group_stats(o * G + g);
         coefficients(o);
         replicated(o, s);
-        for (i64 t = o * nb; t < (o + 1) * nb; ++t) {
-          normalize_chunk(t, s.u.data(), s.v.data(), s.z.data());
-        }
+        normalize_rows(o, 0, P, s.u.data(), s.v.data(), s.z.data());
       }
     });
     return;
@@ -1007,15 +1010,16 @@ void col_forward(const T* x, T* y, i64 O, i64 P, i64 C, i64 G, const acc_t<T>* w
     }
   }
   for (i64 o = 0; o < O; ++o) coefficients(o);
-  at::parallel_for(0, O * nb, 1, [&](i64 t0, i64 t1) {
+  // The sweep is split evenly, in stretches of V rows, over the threads: chunk_rows-sized tasks
+  // leave one thread a whole chunk more when the count is odd (25 chunks on 32x64x56x56).
+  const i64 nv = (P + V - 1) / V;
+  at::parallel_for(0, O * nv, std::max<i64>(1, kWork / VC), [&](i64 s0, i64 s1) {
     Scratch s(VC);
-    i64 cur = -1;
-    for (i64 t = t0; t < t1; ++t) {
-      if (t / nb != cur) {
-        cur = t / nb;
-        replicated(cur, s);
-      }
-      normalize_chunk(t, s.u.data(), s.v.data(), s.z.data());
+    for (i64 o = s0 / nv; o * nv < s1; ++o) {
+      const i64 p0 = std::max<i64>(s0 - o * nv, 0) * V;
+      const i64 p1 = std::min(std::min<i64>(s1 - o * nv, nv) * V, P);
+      replicated(o, s);
+      normalize_rows(o, p0, p1 - p0, s.u.data(), s.v.data(), s.z.data());
     }
   });
 }
