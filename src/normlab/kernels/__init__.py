@@ -13,8 +13,8 @@ Built-in kernels (registered at import, compiled or imported only on first use):
 * CUDA (float32/bfloat16/float16): Triton kernels in :mod:`normlab.kernels.triton_kernels`, when
   triton is installed.
 
-Force the reference path with the environment variable ``NORMLAB_KERNELS=reference`` or, in code,
-``with normlab.kernels.use_reference(): ...``.
+Force the reference path with the environment variable ``NORMLAB_KERNELS=reference`` (read when
+normlab is imported) or, in code, ``with normlab.kernels.use_reference(): ...``.
 """
 
 from __future__ import annotations
@@ -58,17 +58,19 @@ def registered(op: str) -> list[Kernel]:
     return list(_REGISTRY.get(op, []))
 
 
-def _reference_forced() -> bool:
-    return getattr(_state, "reference", False) or os.environ.get("NORMLAB_KERNELS") == "reference"
+# Read once, at import: reading the environment costs about a microsecond on every call, and
+# every normalization call selects a kernel. In code, use_reference() switches at any time.
+_ENV_REFERENCE = os.environ.get("NORMLAB_KERNELS") == "reference"
 
 
 def select(op: str, x: Tensor, reference: Kernel) -> Kernel:
     """The kernel that runs `op` on `x`: the first registered fast kernel that applies, else
     `reference`."""
-    if not _reference_forced():
-        for kernel in _REGISTRY.get(op, ()):
-            if kernel.applies(x):
-                return kernel
+    if _ENV_REFERENCE or getattr(_state, "reference", False):
+        return reference
+    for kernel in _REGISTRY.get(op, ()):
+        if kernel.applies(x):
+            return kernel
     return reference
 
 
