@@ -54,10 +54,10 @@ def _filled(n: int, cdtype: torch.dtype, fill: float, device: str) -> Tensor:
 
 
 def _param(p: Tensor | None, n: int, cdtype: torch.dtype, fill: float,
-           device: str = "cpu") -> Tensor:
+           device: torch.device | None = None) -> Tensor:
     """A flat, contiguous `cdtype` view of a parameter; kernels only read its data pointer."""
-    if p is None:
-        return _filled(n, cdtype, fill, device)
+    if p is None:  # the device's name only here: str(device) costs a microsecond per call
+        return _filled(n, cdtype, fill, "cpu" if device is None else str(device))
     if p.dtype == cdtype and p.is_contiguous():
         return p  # the common case, without four tensor calls of overhead
     return p.detach().to(cdtype).reshape(-1).contiguous()

@@ -447,8 +447,8 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     dev = x.device
     f32 = torch.float32
     given = None if stats is None else cpu.fixed_stats(stats, f32)
-    w = cpu._param(weight, plan.nparam, f32, 1.0, str(dev))
-    b = cpu._param(bias, plan.nparam, f32, 0.0, str(dev))
+    w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
+    b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
     if plan.kind == "col":  # channels_last: the column kernels
         return triton_columns.col_forward(x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
                                           plan.stats_shape, given, act)
@@ -503,8 +503,8 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
         return None
     d = plan.dims
     f32 = torch.float32
-    w = cpu._param(weight, plan.nparam, f32, 1.0, str(x.device))
-    b = cpu._param(bias, plan.nparam, f32, 0.0, str(x.device))
+    w = cpu._param(weight, plan.nparam, f32, 1.0, x.device)
+    b = cpu._param(bias, plan.nparam, f32, 0.0, x.device)
     if plan.kind == "col":
         dx, gw, gb = triton_columns.col_backward(grad_out, x, w, b, mean, invstd, d["O"],
                                                  d["P"], d["C"], d["G"], batch_stats, needs[0],
