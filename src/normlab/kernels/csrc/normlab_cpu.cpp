@@ -176,6 +176,41 @@ template <int ACT, class A> inline A act_grad(A z) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Software prefetch over a sweep.
+
+// Runs f(e0, n) over [0, m) in steps of 256 elements, first prefetching the lines kAhead bytes
+// past each step (RW = 1: for writing), spread over the sweep: the hardware prefetcher stops at
+// page boundaries, and a burst of prefetches per 4 KB stretch stalled on the fill buffers.
+template <int RW, i64 kAhead, class F, class... Ts>
+inline void prefetched_steps(i64 m, F&& f, Ts*... ps) {
+  constexpr i64 kStep = 256;
+  for (i64 e0 = 0; e0 < m; e0 += kStep) {
+    const i64 n = std::min(kStep, m - e0);
+    auto fetch = [&](const auto* p) {
+      const char* ahead = reinterpret_cast<const char*>(p + e0) + kAhead;
+      const i64 bytes = n * static_cast<i64>(sizeof(*p));
+      for (i64 q = 0; q < bytes; q += 64) __builtin_prefetch(ahead + q, RW);
+    };
+    (fetch(ps), ...);
+    f(e0, n);
+  }
+}
+
+// Output written 512 bytes behind its prefetch, so each store's read-for-ownership overlaps the
+// work before it (as normalize_row's sweep): eval batch norm 32x64x56x56 channels_last 81% of
+// copy speed with a 4 KB burst per stretch, 91-96% so.
+template <class T, class F> inline void write_ahead(T* out, i64 m, F&& f) {
+  prefetched_steps<1, 512>(m, std::forward<F>(f), out);
+}
+
+// Input read 4 KB behind its prefetch: the statistics sweeps of channels_last group norm
+// (32x64x56x56: 60-65% -> 70-73% of copy speed; 8x64x112x112: 54-56% -> 63-64%). 2 KB and 8 KB
+// measured no better; on the backward's sums sweep (x and dy) it measured no gain.
+template <class F, class... Ts> inline void read_ahead(i64 m, F&& f, const Ts*... in) {
+  prefetched_steps<0, 4096>(m, std::forward<F>(f), in...);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Statistics.
 
 struct Moments {
@@ -403,8 +438,23 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
       if (res != nullptr) {  // residual add: the sum is an output and the normalized input
         T* so = sum_out + r * L;
         const T* rp = res + r * L;
+        const T* xr = src;
+        // Two outputs stream out (sum and y): the sum's lines are prefetched for writing, and
+        // the next row's x and residual for reading, spread over the add.
+        const bool pf = ACT == ACT_NONE && r + 1 < r1 && L <= kPrefetchRow;
+        const char* nx = reinterpret_cast<const char*>(xr + L);
+        const char* nr = reinterpret_cast<const char*>(rp + L);
+        write_ahead(so, L, [&](i64 e0, i64 n) {
+          if (pf) {
+            const i64 off = e0 * static_cast<i64>(sizeof(T));
+            for (i64 q = 0; q < n * static_cast<i64>(sizeof(T)); q += 64) {
+              __builtin_prefetch(nx + off + q, 0);
+              __builtin_prefetch(nr + off + q, 0);
+            }
+          }
 #pragma omp simd
-        for (i64 i = 0; i < L; ++i) so[i] = from_acc<T>(to_acc(src[i]) + to_acc(rp[i]));
+          for (i64 i = e0; i < e0 + n; ++i) so[i] = from_acc<T>(to_acc(xr[i]) + to_acc(rp[i]));
+        });
         src = so;
       }
       // The hardware prefetcher stops at every page boundary, and rows are often a page or a few:
@@ -843,38 +893,6 @@ inline i64 chunk_rows(i64 C) {
 constexpr i64 kStretch = 1024;  // elements per flat stretch of rows (the arrays stay in L1)
 
 inline i64 stretch_rows(i64 C) { return std::max<i64>(1, kStretch / std::max<i64>(C, 1)); }
-
-// Runs f(e0, n) over [0, m) in steps of 256 elements, first prefetching the lines kAhead bytes
-// past each step (RW = 1: for writing), spread over the sweep: the hardware prefetcher stops at
-// page boundaries, and a burst of prefetches per 4 KB stretch stalled on the fill buffers.
-template <int RW, i64 kAhead, class F, class... Ts>
-inline void prefetched_steps(i64 m, F&& f, Ts*... ps) {
-  constexpr i64 kStep = 256;
-  for (i64 e0 = 0; e0 < m; e0 += kStep) {
-    const i64 n = std::min(kStep, m - e0);
-    auto fetch = [&](const auto* p) {
-      const char* ahead = reinterpret_cast<const char*>(p + e0) + kAhead;
-      const i64 bytes = n * static_cast<i64>(sizeof(*p));
-      for (i64 q = 0; q < bytes; q += 64) __builtin_prefetch(ahead + q, RW);
-    };
-    (fetch(ps), ...);
-    f(e0, n);
-  }
-}
-
-// Output written 512 bytes behind its prefetch, so each store's read-for-ownership overlaps the
-// work before it (as normalize_row's sweep): eval batch norm 32x64x56x56 channels_last 81% of
-// copy speed with a 4 KB burst per stretch, 91-96% so.
-template <class T, class F> inline void write_ahead(T* out, i64 m, F&& f) {
-  prefetched_steps<1, 512>(m, std::forward<F>(f), out);
-}
-
-// Input read 4 KB behind its prefetch: the statistics sweeps of channels_last group norm
-// (32x64x56x56: 60-65% -> 70-73% of copy speed; 8x64x112x112: 54-56% -> 63-64%). 2 KB and 8 KB
-// measured no better; on the backward's sums sweep (x and dy) it measured no gain.
-template <class F, class... Ts> inline void read_ahead(i64 m, F&& f, const Ts*... in) {
-  prefetched_steps<0, 4096>(m, std::forward<F>(f), in...);
-}
 
 // dst[v * C + c] = src[c] for v < V (dst may start with src itself).
 template <class A> inline void replicate(const A* src, i64 C, i64 V, A* dst) {
