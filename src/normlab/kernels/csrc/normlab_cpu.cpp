@@ -440,8 +440,9 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
         const T* rp = res + r * L;
         const T* xr = src;
         // Two outputs stream out (sum and y): the sum's lines are prefetched for writing, and
-        // the next row's x and residual for reading, spread over the add.
-        const bool pf = ACT == ACT_NONE && r + 1 < r1 && L <= kPrefetchRow;
+        // the next row's x and residual for reading, spread over the add (with an activation
+        // too: add + layer norm + GELU measured 3-5% faster with them, unlike group norm + SiLU).
+        const bool pf = r + 1 < r1 && L <= kPrefetchRow;
         const char* nx = reinterpret_cast<const char*>(xr + L);
         const char* nr = reinterpret_cast<const char*>(rp + L);
         write_ahead(so, L, [&](i64 e0, i64 n) {
