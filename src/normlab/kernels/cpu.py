@@ -94,9 +94,15 @@ def _like(x: Tensor, t: Tensor) -> Tensor:
 
 
 def new_stats(shape: tuple[int, ...], cdtype: torch.dtype,
-              device: torch.device | str = "cpu") -> tuple[Tensor, ...]:
-    """Empty (mean, var, invstd) outputs of `shape`: views of one allocation (two ops, not
-    three). Shared by the CPU and Triton kernels."""
+              device: torch.device | None = None) -> tuple[Tensor, ...]:
+    """Empty (mean, var, invstd) outputs of `shape`. Shared by the CPU and Triton kernels.
+
+    On the CPU three allocations: a layer norm 8x64 forward took 37 us with one allocation and
+    its unbind into views, 31 us so (the views cost more than the allocations). On a GPU, as
+    timed there: views of one allocation."""
+    if device is None:
+        return (torch.empty(*shape, dtype=cdtype), torch.empty(*shape, dtype=cdtype),
+                torch.empty(*shape, dtype=cdtype))
     return torch.empty(3, *shape, dtype=cdtype, device=device).unbind(0)
 
 
@@ -208,7 +214,7 @@ def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
                   need_dx: bool, act: int = 0, nchan: int = 1) -> tuple[Tensor | None, Tensor,
                                                                           Tensor]:
     dx = torch.empty_like(x) if need_dx else None
-    gw, gb = torch.empty(2, C, dtype=w.dtype).unbind(0)
+    gw, gb = torch.empty(C, dtype=w.dtype), torch.empty(C, dtype=w.dtype)
     mean, invstd = _flat(mean), _flat(invstd)
     strides = _opc_strides(dy, nchan, outer, P, C)
     if strides is None:  # no uniform (o, p, c) strides: copy into x's layout
@@ -377,7 +383,7 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
                                    d["G"], batch_stats, needs[0], act, d.get("nchan", 1))
     else:  # bn_rows
         dx = torch.empty_like(xk) if needs[0] else None
-        gw, gb = torch.empty(2, d["C"], dtype=cd).unbind(0)
+        gw, gb = torch.empty(d["C"], dtype=cd), torch.empty(d["C"], dtype=cd)
         mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
         _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
                                        xk.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
