@@ -35,7 +35,10 @@ __all__ = ["Kernel", "as_param_grad", "register", "registered", "select", "use_r
 class Kernel:
     """A forward/backward pair with the reference's signatures (see ``functional/_normalize.py``).
 
-    ``applies(x)`` says whether this kernel handles an input (device, dtype, layout, size).
+    ``applies(x)`` says whether this kernel handles inputs of `x`'s kind: it may look at the
+    device, dtype and layout only, since :func:`select` remembers its answer per kind. A kernel
+    that cannot take a particular input (a size, a stride pattern) hands that call to the
+    reference itself, as the built-in ones do.
     Non-differentiable ops (the running-statistics update) have no backward.
     """
 
@@ -49,9 +52,15 @@ _REGISTRY: dict[str, list[Kernel]] = {}
 _state = threading.local()
 
 
+# (op, input's kind) -> the kernel select() chose; a registration clears it. (A CPU kernel whose
+# library fails to build after being chosen hands every call to the reference itself.)
+_CHOSEN: dict[tuple[Any, ...], Kernel] = {}
+
+
 def register(op: str, kernel: Kernel) -> None:
     """Add a fast kernel for `op`; later registrations take precedence."""
     _REGISTRY.setdefault(op, []).insert(0, kernel)
+    _CHOSEN.clear()
 
 
 def registered(op: str) -> list[Kernel]:
@@ -68,8 +77,13 @@ def select(op: str, x: Tensor, reference: Kernel) -> Kernel:
     `reference`."""
     if _ENV_REFERENCE or getattr(_state, "reference", False):
         return reference
+    key = (op, x.is_cpu, x.is_cuda, x.dtype, x.layout)
+    kernel = _CHOSEN.get(key)
+    if kernel is not None:
+        return kernel
     for kernel in _REGISTRY.get(op, ()):
         if kernel.applies(x):
+            _CHOSEN[key] = kernel
             return kernel
     return reference
 
