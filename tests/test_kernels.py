@@ -375,6 +375,23 @@ def test_kernel_selected_for_cpu_and_not_forced_reference() -> None:
             assert kernels.select(op, x, _REFERENCE) is _REFERENCE
 
 
+def test_a_kernel_registered_after_a_selection_is_chosen(monkeypatch) -> None:
+    # select() remembers its choice per kind of input; a registration must start over.
+    from normlab.functional._normalize import _REFERENCE
+
+    x = torch.randn(2, 3)
+    assert kernels.select("layer_norm", x, _REFERENCE).name == "cpu:layer_norm"
+    monkeypatch.setitem(kernels._REGISTRY, "layer_norm", list(kernels._REGISTRY["layer_norm"]))
+    custom = kernels.Kernel(forward=_REFERENCE.forward, backward=_REFERENCE.backward,
+                            name="custom", applies=lambda t: t.dtype == torch.float32)
+    try:
+        kernels.register("layer_norm", custom)
+        assert kernels.select("layer_norm", x, _REFERENCE) is custom
+        assert kernels.select("layer_norm", x.double(), _REFERENCE).name == "cpu:layer_norm"
+    finally:
+        kernels._CHOSEN.clear()  # the registry is restored by monkeypatch
+
+
 def test_missing_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path) -> None:
     monkeypatch.setattr(_build, "_libs", {})
