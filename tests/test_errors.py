@@ -89,6 +89,18 @@ def test_normalized_shape_must_be_non_empty_and_positive():
         nnl.RMSNorm([3, 0])
 
 
+def test_accepted_normalized_shapes_are_remembered_as_ints():
+    from normlab.functional import _validate as v
+
+    assert v.as_normalized_shape("op", (5, 7)) == (5, 7)
+    again = v.as_normalized_shape("op", (5.0, 7))  # equal to a remembered shape
+    assert again == (5, 7) and all(type(s) is int for s in again)
+    with pytest.raises(TypeError, match="must be an int or a sequence of ints"):
+        v.as_normalized_shape("op", ([5], 7))
+    with pytest.raises(ValueError, match="positive sizes"):
+        v.as_normalized_shape("op", (5, -7))
+
+
 def test_parameter_shape_dtype_and_device_mismatch():
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match=r"weight has shape \(4,\), expected \(3,\)"):

@@ -31,7 +31,7 @@ def check_param(op: str, name: str, param: Tensor | None, x: Tensor, shape: Sequ
     """A weight, bias or running buffer must have `shape`, x's device and a compatible dtype."""
     if param is None:
         return
-    if tuple(param.shape) != tuple(shape):
+    if param.shape != tuple(shape):
         raise ValueError(
             f"{op}: {name} has shape {tuple(param.shape)}, expected {tuple(shape)} to match the input"
         )
@@ -73,7 +73,20 @@ def check_positive_int(op: str, name: str, value: int) -> None:
         raise ValueError(f"{op}: {name}={value!r} must be a positive integer")
 
 
+# Tuples already accepted, each mapped to itself (modules pass the same one on every call, and
+# validating it again costs a generator per call). A lookup returns the stored all-int tuple, also
+# for an equal one such as (64.0,).
+_VALID_SHAPES: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+
 def as_normalized_shape(op: str, normalized_shape: int | Sequence[int]) -> tuple[int, ...]:
+    if type(normalized_shape) is tuple:
+        try:
+            known = _VALID_SHAPES.get(normalized_shape)
+        except TypeError:  # an unhashable element: the checks below name the problem
+            known = None
+        if known is not None:
+            return known
     if isinstance(normalized_shape, int) and not isinstance(normalized_shape, bool):
         shape: tuple[int, ...] = (normalized_shape,)
     else:
@@ -89,6 +102,8 @@ def as_normalized_shape(op: str, normalized_shape: int | Sequence[int]) -> tuple
     for s in shape:
         if s <= 0:
             raise ValueError(f"{op}: normalized_shape={shape} must hold positive sizes")
+    if len(_VALID_SHAPES) < 1024:
+        _VALID_SHAPES[shape] = shape
     return shape
 
 
