@@ -153,29 +153,28 @@ def _row_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     dx = torch.empty_like(x) if need_dx else None
     per_elem = S == 1 and Gp == 1  # layer/RMS norm: partials per chunk of rows
     mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
-    if per_elem and R * K <= _ONE_CHUNK:
-        # One thread's work: the single chunk's partials are the sums (no buffer, no sum op).
-        gw, gb = torch.empty(K, dtype=cd), torch.empty(K, dtype=cd)
+
+    def call(gw_ptr: int, gb_ptr: int, nchunk: int) -> None:
         _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
                                    _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
                                    b.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-                                   int(center), int(batch_stats), gw.data_ptr(), gb.data_ptr(),
-                                   1),
+                                   int(center), int(batch_stats), gw_ptr, gb_ptr, nchunk),
                "row_backward")
+
+    if per_elem and R * K > _ONE_CHUNK:
+        # Weight and bias partials per chunk of rows, in one buffer ([nchunk][K] each), summed by
+        # one (parallel) torch op.
+        nchunk = min(R, 64)
+        parts = torch.empty(2, nchunk, K, dtype=cd)
+        call(parts.data_ptr(), parts.data_ptr() + parts.numel() // 2 * parts.element_size(),
+             nchunk)
+        gw, gb = parts.sum(1).unbind(0)
         return dx, gw, gb
-    nchunk = max(1, min(R, 64)) if per_elem else 0
-    # Weight and bias partials in one buffer ([nchunk][K] or [R][K] each; R is a multiple of
-    # Gp), summed over the leading dim by one op.
-    parts = torch.empty(2, nchunk, K, dtype=cd) if per_elem else \
-        torch.empty(2, R // Gp, Gp * K, dtype=cd)
-    half = parts.numel() // 2 * parts.element_size()
-    _check(lib.nl_row_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), x.data_ptr(),
-                               _ptr(dextra), _ptr(dx), R, K, S, Gp, smod, w.data_ptr(),
-                               b.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-                               int(center), int(batch_stats), parts.data_ptr(),
-                               parts.data_ptr() + half, nchunk),
-           "row_backward")
-    gw, gb = parts.sum(1).unbind(0)
+    # The sums directly: a small layer/RMS norm runs as one chunk (its partials are the sums);
+    # the other row problems sum their per-row partials in the kernel.
+    n = K if per_elem else Gp * K
+    gw, gb = torch.empty(n, dtype=cd), torch.empty(n, dtype=cd)
+    call(gw.data_ptr(), gb.data_ptr(), 1 if per_elem else 0)
     return dx, gw, gb
 
 

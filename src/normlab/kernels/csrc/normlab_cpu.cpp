@@ -499,7 +499,7 @@ void row_normalize(const T* x, T* y, i64 R, i64 K, i64 S, i64 Gp, i64 smod, cons
 }
 
 // Backward of the row family. gw_part/gb_part: for S == 1 and Gp == 1 (layer/RMS norm),
-// [nchunk][K] per chunk of rows; otherwise [R][K] per row and channel. The caller sums them.
+// [nchunk][K] per chunk of rows, which the caller sums; otherwise the [Gp * K] gradients.
 template <class T, int ACT>
 void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K, i64 S, i64 Gp,
                   i64 smod, const acc_t<T>* w, const acc_t<T>* b, const acc_t<T>* mean,
@@ -727,16 +727,33 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
       }
     });
   } else {
+    // Partials per row ([R / Gp][Gp * K]), summed here over the samples in a fixed order into
+    // gw_part/gb_part, which then hold the Gp * K parameter gradients (a torch buffer, sum and
+    // unbind per call were most of a small backward's host time).
+    std::vector<A> pw(R * K), pb(R * K);
     at::parallel_for(0, R, grain_rows(L), [&](i64 r0, i64 r1) {
       std::vector<A> dbuf(ACT != ACT_NONE ? L : 0);
       for (i64 r = r0; r < r1; ++r) {
         if (S == 1) {  // the S == 1 sweep accumulates into its partials
-          std::fill(gw_part + r * K, gw_part + (r + 1) * K, A(0));
-          std::fill(gb_part + r * K, gb_part + (r + 1) * K, A(0));
+          std::fill(pw.data() + r * K, pw.data() + (r + 1) * K, A(0));
+          std::fill(pb.data() + r * K, pb.data() + (r + 1) * K, A(0));
         }
-        one_row(r, gw_part + r * K, gb_part + r * K, false, dbuf.data(), r + 1 < r1);
+        one_row(r, pw.data() + r * K, pb.data() + r * K, false, dbuf.data(), r + 1 < r1);
       }
     });
+    const i64 GK = Gp * K, n = R / Gp;
+    std::vector<double> tw(GK, 0.0), tb(GK, 0.0);
+    for (i64 i = 0; i < n; ++i) {
+#pragma omp simd
+      for (i64 j = 0; j < GK; ++j) {
+        tw[j] += static_cast<double>(pw[i * GK + j]);
+        tb[j] += static_cast<double>(pb[i * GK + j]);
+      }
+    }
+    for (i64 j = 0; j < GK; ++j) {
+      gw_part[j] = static_cast<A>(tw[j]);
+      gb_part[j] = static_cast<A>(tb[j]);
+    }
   }
 }
 
