@@ -79,8 +79,9 @@ def commit_running_stats(
     "error" raises naming the channels, "skip" warns and leaves the buffers alone, "commit" keeps
     torch's behaviour, "mask" leaves the buffers alone silently and without reading anything back
     from the device: off the CPU the update is selected on the device and the return value is
-    that 0-dim bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their dtype's largest
-    value instead of overflowing to inf.
+    that 0-dim bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their
+    dtype's largest value instead of overflowing to inf. The update itself is the
+    ``"running_stats"`` kernel (one C++ call on the CPU; :func:`update_running_stats` else).
     """
     if on_nonfinite == "mask" and not mean.is_cpu:
         return _commit_masked(running_mean, running_var, mean, var, count, momentum)
