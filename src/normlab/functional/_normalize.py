@@ -104,7 +104,8 @@ def normalize_forward(
     (the running buffers as they are; kernels read them as flat vectors, the reference views
     them). The returned mean and var may then be ``stats`` themselves (fast kernels return them
     unviewed): callers that keep them past the buffers' next update pass copies (the autograd
-    functions do), inference skips the copies and the views.
+    functions copy the mean, which their backward reads), inference skips the copies and the
+    views.
     """
     cdtype = compute_dtype(x.dtype)
     if stats is None:
@@ -177,7 +178,7 @@ class _Normalize(torch.autograd.Function):
         stats_out: list[Tensor],
     ) -> Tensor:
         kernel = kernels.select(op, x, _REFERENCE)
-        stats = _own_copies(fixed_mean, fixed_var)
+        stats = _graph_stats(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
@@ -218,13 +219,15 @@ def once_differentiable_backward(backward: Any, ctx: Any, *grads: Any) -> tuple[
     return backward(ctx, *grads)
 
 
-def _own_copies(fixed_mean: Tensor | None,
-                fixed_var: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """Fixed statistics for a graph: copies, since kernels may return them as the saved mean
-    and the var output, and the running buffers can move on before the backward runs."""
+def _graph_stats(fixed_mean: Tensor | None,
+                 fixed_var: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Fixed statistics for a graph: a copy of the mean, which kernels may return as the mean the
+    backward reads, and the running buffers can move on before the backward runs. The variance
+    needs none: the backward reads the invstd computed from it, always a new tensor (the var
+    returned next to the output is then the buffer itself, as on the inference path)."""
     if fixed_mean is None or fixed_var is None:
         return None
-    return fixed_mean.clone(), fixed_var.clone()
+    return fixed_mean.clone(), fixed_var
 
 
 def _like_input(grad_out: Tensor, x: Tensor) -> Tensor:

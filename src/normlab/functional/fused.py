@@ -33,8 +33,8 @@ from normlab import kernels
 from normlab.functional import _validate as v
 from normlab.functional._normalize import (
     Layout,
+    _graph_stats,
     _like_input,
-    _own_copies,
     grouped_layout,
     needs_graph,
     normalize_backward,
@@ -205,7 +205,7 @@ class _NormAct(torch.autograd.Function):
         activation: str | None, stats_out: list[Tensor],
     ) -> Tensor:
         kernel = kernels.select(op, x, _NORM_ACT_REFERENCE)
-        stats = _own_copies(fixed_mean, fixed_var)
+        stats = _graph_stats(fixed_mean, fixed_var)
         out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
