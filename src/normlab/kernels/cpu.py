@@ -200,6 +200,15 @@ def _opc_strides(t: Tensor, nchan: int, outer: int, P: int,
     The kernel then gathers tiles of `t` itself, which is cheaper than a full-tensor copy (e.g.
     group norm's grad_out arrives NCHW-contiguous for a channels_last input).
     """
+    return _opc_strides_of(tuple(t.shape), t.stride(), nchan, outer, P, C)
+
+
+@functools.lru_cache(maxsize=1024)
+def _opc_strides_of(shape: tuple[int, ...], stride: tuple[int, ...], nchan: int, outer: int,
+                    P: int, C: int) -> tuple[int, int, int] | None:
+    # From shape and strides alone, on a storage-less meta tensor (cached: a movedim and a view
+    # per call cost microseconds).
+    t = torch.empty_strided(shape, stride, device="meta")
     v = t.movedim(tuple(range(1, 1 + nchan)), tuple(range(t.dim() - nchan, t.dim())))
     try:
         v = v.view(outer, P, C)
