@@ -195,7 +195,7 @@ def _normalize_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     x, weight, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-        _like_input(grad_out, x),
+        kernels.like(x, grad_out),
         x,
         weight,
         mean,
@@ -228,15 +228,6 @@ def _graph_stats(fixed_mean: Tensor | None,
     if fixed_mean is None or fixed_var is None:
         return None
     return fixed_mean.clone(), fixed_var
-
-
-def _like_input(grad_out: Tensor, x: Tensor) -> Tensor:
-    """`grad_out` laid out like the input, so the backward's elementwise math runs over matching
-    strides; no copy when it already is (the common case, also for grouped views of channels_last
-    input)."""
-    if grad_out.stride() == x.stride():
-        return grad_out
-    return torch.empty_like(x, dtype=grad_out.dtype).copy_(grad_out)
 
 
 def normalize(

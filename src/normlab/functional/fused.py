@@ -34,7 +34,6 @@ from normlab.functional import _validate as v
 from normlab.functional._normalize import (
     Layout,
     _graph_stats,
-    _like_input,
     grouped_layout,
     needs_graph,
     normalize_backward,
@@ -223,7 +222,7 @@ def _norm_act_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-        _like_input(grad_out, x), x, weight, bias, mean, invstd, ctx.layout, ctx.batch_stats,
+        kernels.like(x, grad_out), x, weight, bias, mean, invstd, ctx.layout, ctx.batch_stats,
         (needs[0], needs[1], needs[2]), ctx.activation,
     )
     if grad_bias is not None:

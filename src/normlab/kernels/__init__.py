@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "as_param_grad", "register", "registered", "select", "use_reference"]
+__all__ = ["Kernel", "as_param_grad", "like", "register", "registered", "select", "use_reference"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,15 @@ def as_param_grad(grad: Tensor, shape: Any, dtype: Any) -> Tensor:
     if grad.shape != shape:
         grad = grad.view(shape)
     return grad if grad.dtype == dtype else grad.to(dtype)
+
+
+def like(x: Tensor, t: Tensor) -> Tensor:
+    """`t` with exactly `x`'s strides, copied only where they differ (the common case is no copy:
+    a gradient usually arrives in its input's layout, channels_last and grouped views included),
+    so elementwise work on the two runs over matching strides."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
 def _register_builtin_kernels() -> None:

@@ -84,15 +84,6 @@ def _flat(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _like(x: Tensor, t: Tensor) -> Tensor:
-    """`t` with exactly `x`'s strides (copied only if they differ)."""
-    if t.stride() == x.stride():
-        return t
-    out = torch.empty_like(x, dtype=t.dtype)
-    out.copy_(t)
-    return out
-
-
 def new_stats(shape: tuple[int, ...], cdtype: torch.dtype,
               device: torch.device | None = None) -> tuple[Tensor, ...]:
     """Empty (mean, var, invstd) outputs of `shape`. Shared by the CPU and Triton kernels.
@@ -226,7 +217,7 @@ def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     mean, invstd = _flat(mean), _flat(invstd)
     strides = _opc_strides(dy, nchan, outer, P, C)
     if strides is None:  # no uniform (o, p, c) strides: copy into x's layout
-        dy = _like(x, dy)
+        dy = kernels.like(x, dy)
         strides = (P * C, C, 1)
     _check(lib.nl_col_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(), *strides, x.data_ptr(),
                                _ptr(dx), outer, P, C, G, w.data_ptr(), b.data_ptr(),
@@ -243,20 +234,18 @@ class _Plan:
     """How inputs of one geometry map onto a canonical kernel problem; cached per geometry (the
     same plan serves an op's forward and backward, and every later call on that shape).
 
-    ``contiguous``: the kernel reads ``x.contiguous()`` (the row problems); otherwise ``x``
-    itself (the column problems read channels_last strides as they are).
     """
 
-    __slots__ = ("contiguous", "dims", "kind", "nparam", "stats_shape")
+    __slots__ = ("dims", "kind", "nparam", "stats_shape")
 
     def __init__(self, kind: str, dims: dict[str, int], nparam: int,
                  stats_shape: tuple[int, ...]) -> None:
         self.kind, self.dims, self.nparam, self.stats_shape = kind, dims, nparam, stats_shape
-        self.contiguous = kind != "col"
 
     def input(self, x: Tensor) -> Tensor:
-        """`x` as this plan's kernels read it."""
-        return x.contiguous() if self.contiguous else x
+        """`x` as this plan's kernels read it: contiguous for the row problems, as it is for the
+        column problems (they read channels_last strides directly)."""
+        return x if self.kind == "col" else x.contiguous()
 
 
 _PLANS: dict[tuple[Any, ...], _Plan | None] = {}
@@ -378,9 +367,9 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
     w = _param(weight, plan.nparam, cd, 1.0)
     b = _param(bias, plan.nparam, cd, 0.0)
     d = plan.dims
-    dy = grad_out if plan.kind == "col" else _like(xk, grad_out)
+    dy = grad_out if plan.kind == "col" else kernels.like(xk, grad_out)
     if plan.kind == "row":
-        de = None if dextra is None else _like(xk, dextra)
+        de = None if dextra is None else kernels.like(xk, dextra)
         dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, d["R"], d["K"], d["S"],
                                    d["Gp"], 0, layout.center, batch_stats, needs[0], act, de)
     elif plan.kind == "row_fixed":

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from normlab import kernels
 from normlab.kernels import cpu
 from normlab.kernels.triton_activations import act_fwd, act_grad
 
@@ -396,7 +397,7 @@ def col_backward(dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: Tensor, invs
     bc, bp, sub, chunk, nchunk, warps, bj, bg, bk, ngb, mwarps = _config(
         O, P, C, G, _TILE, _BLOCK_C, _PROGRAMS, _MERGE_TILE, _MERGE_CH)
     K = C // G
-    dy = cpu._like(x, dy)
+    dy = kernels.like(x, dy)
     mean, invstd = cpu._flat(mean), cpu._flat(invstd)
     smod = max(1, mean.numel() // G)
     dev = x.device

@@ -532,12 +532,12 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
     if blocks is None:
         return None
     dev, f32 = xc.device, torch.float32
-    dy = cpu._like(xc, grad_out)
+    dy = kernels.like(xc, grad_out)
     mean, invstd = cpu._flat(mean), cpu._flat(invstd)
     dx = torch.empty_like(xc) if need_dx else None
     warps = _warps(blocks)
     if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm (and add+norm) rows
-        de = None if dextra is None else cpu._like(xc, dextra)
+        de = None if dextra is None else kernels.like(xc, dextra)
         R = d["R"]
         if blocks[0] >= _WIDE_ROW:
             if needs[2] or act != 0:  # a fifth row-wide vector: column blocks
