@@ -181,17 +181,19 @@ template <int ACT, class A> inline A act_grad(A z) {
 // Runs f(e0, n) over [0, m) in steps of 256 elements, first prefetching the lines kAhead bytes
 // past each step (RW = 1: for writing), spread over the sweep: the hardware prefetcher stops at
 // page boundaries, and a burst of prefetches per 4 KB stretch stalled on the fill buffers.
+// Prefetches the cache lines of [p, p + bytes) (RW = 1: for writing).
+template <int RW> inline void prefetch_lines(const void* p, i64 bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (i64 q = 0; q < bytes; q += 64) __builtin_prefetch(c + q, RW);
+}
+
 template <int RW, i64 kAhead, class F, class... Ts>
 inline void prefetched_steps(i64 m, F&& f, Ts*... ps) {
   constexpr i64 kStep = 256;
   for (i64 e0 = 0; e0 < m; e0 += kStep) {
     const i64 n = std::min(kStep, m - e0);
-    auto fetch = [&](const auto* p) {
-      const char* ahead = reinterpret_cast<const char*>(p + e0) + kAhead;
-      const i64 bytes = n * static_cast<i64>(sizeof(*p));
-      for (i64 q = 0; q < bytes; q += 64) __builtin_prefetch(ahead + q, RW);
-    };
-    (fetch(ps), ...);
+    (prefetch_lines<RW>(reinterpret_cast<const char*>(ps + e0) + kAhead,
+                        n * static_cast<i64>(sizeof(*ps))), ...);
     f(e0, n);
   }
 }
@@ -443,15 +445,10 @@ void row_forward(const T* x, const T* res, T* sum_out, T* y, i64 R, i64 K, i64 S
         // the next row's x and residual for reading, spread over the add (with an activation
         // too: add + layer norm + GELU measured 3-5% faster with them, unlike group norm + SiLU).
         const bool pf = r + 1 < r1 && L <= kPrefetchRow;
-        const char* nx = reinterpret_cast<const char*>(xr + L);
-        const char* nr = reinterpret_cast<const char*>(rp + L);
         write_ahead(so, L, [&](i64 e0, i64 n) {
-          if (pf) {
-            const i64 off = e0 * static_cast<i64>(sizeof(T));
-            for (i64 q = 0; q < n * static_cast<i64>(sizeof(T)); q += 64) {
-              __builtin_prefetch(nx + off + q, 0);
-              __builtin_prefetch(nr + off + q, 0);
-            }
+          if (pf) {  // the same elements of the next row
+            prefetch_lines<0>(xr + L + e0, n * static_cast<i64>(sizeof(T)));
+            prefetch_lines<0>(rp + L + e0, n * static_cast<i64>(sizeof(T)));
           }
 #pragma omp simd
           for (i64 i = e0; i < e0 + n; ++i) so[i] = from_acc<T>(to_acc(xr[i]) + to_acc(rp[i]));
