@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device call: GPU correctness, then `normlab bench` on CUDA (see gpu_notes.md).
 # Usage (on the lent GPU machine, from the repository root): bash benchmarks/gpu_run.sh PHASES
-# PHASES: any of check bench compile bf16 probe bnprobe (default: check bench compile);
+# PHASES: any of check bench compile bf16 tiny probe bnprobe (default: check bench compile);
 # CHECK_ONLY=REGEX limits the check to matching cases (gpu_check.py --only). Each phase has its own
 # time limit so that a slow one cannot eat the others' results; logs and JSON go to $OUT.
 set -u
@@ -49,6 +49,9 @@ for phase in $phases; do
             --dtype bfloat16 --ops layer_norm rms_norm add_layer_norm add_rms_norm \
             --json "$OUT/bench_bf16.json" >> "$log" 2>&1; echo "bf16 rc=$?"
           [ -f "$OUT/bench_bf16.json" ] && summary "$OUT/bench_bf16.json" ;;
+    tiny) timeout 60 python3 -m normlab.bench --device cuda --tiny --min-time 0.02 --repeats 5 \
+            --json "$OUT/bench_tiny.json" >> "$log" 2>&1; echo "tiny rc=$?"
+          [ -f "$OUT/bench_tiny.json" ] && summary "$OUT/bench_tiny.json" ;;
     probe) timeout 240 python3 benchmarks/gpu_probe_vec.py 2>&1 | tee -a "$log" | grep -v Warn
            echo "probe rc=$?" ;;
     bnprobe) timeout 90 python3 benchmarks/gpu_probe_bn.py 2>&1 | tee -a "$log"
