@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -40,6 +41,14 @@ def built_kernels() -> None:
     # Compile the variants these tests use concurrently (cached on disk after the first run).
     _build.build_variants([(code, False) for code in range(4)])
     assert _build.available(), "the C++ CPU kernels failed to build"
+
+
+@pytest.fixture
+def num_threads() -> Iterator[Callable[[int], None]]:
+    """Sets torch's intra-op thread count for one test (the suite runs on one: conftest)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -252,21 +261,28 @@ def test_large_offset_no_worse_than_torch(op: str, layout: str) -> None:
     assert err_ours <= max(err_torch, 4 * torch.finfo(torch.float32).eps), (err_ours, err_torch)
 
 
-@pytest.mark.parametrize(("op", "shape", "channels_last"), [
-    # Batch norm NCHW: a channel of 4 x 40000 floats (640 KB) exceeds the per-channel cache
-    # budget, so forward and backward take the two-sweep schedule; 4 x 400 takes the per-channel one.
-    ("batch_norm", (4, 3, 200, 200), False),
-    ("batch_norm", (4, 3, 20, 20), False),
+@pytest.mark.parametrize(("op", "shape", "channels_last", "threads"), [
+    # Batch norm NCHW, by channel size against the cache budget (512 KB per thread): a channel of
+    # 4 x 40000 floats (640 KB) takes two sweeps on one thread and the shared-channel schedule
+    # (each thread its rows, a barrier per channel) on two; 4 x 90000 (1.4 MB) two sweeps on two;
+    # 4 x 400 is shared by three threads; a single row per channel leaves a channel per thread.
+    ("batch_norm", (4, 3, 200, 200), False, 1),
+    ("batch_norm", (4, 3, 200, 200), False, 2),
+    ("batch_norm", (4, 3, 300, 300), False, 2),
+    ("batch_norm", (4, 3, 20, 20), False, 3),
+    ("batch_norm", (1, 5, 20, 20), False, 2),
     # channels_last group/instance norm: a 1.1 MB sample takes the two-sweep schedule; 1100
     # channels leave one row per flat stretch, 5 groups of 220.
-    ("group_norm", (2, 1100, 16, 16), True),
-    ("instance_norm", (2, 1100, 16, 16), True),
-    ("group_norm", (3, 20, 7, 9), True),
+    ("group_norm", (2, 1100, 16, 16), True, 2),
+    ("instance_norm", (2, 1100, 16, 16), True, 2),
+    ("group_norm", (3, 20, 7, 9), True, 2),
     # channels_last batch norm whose statistics merge 8 chunks of 4096 rows.
-    ("batch_norm", (8, 16, 64, 64), True),
+    ("batch_norm", (8, 16, 64, 64), True, 2),
 ])
 def test_every_kernel_schedule_matches_the_reference(op: str, shape: tuple[int, ...],
-                                                     channels_last: bool, no_fallback) -> None:
+                                                     channels_last: bool, threads: int,
+                                                     no_fallback, num_threads) -> None:
+    num_threads(threads)
     g = torch.Generator().manual_seed(21)
     x = (torch.randn(shape, generator=g) * 3 + 1).requires_grad_(True)
     if channels_last:
@@ -337,9 +353,14 @@ def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
     assert (out.double() - oracle).abs().max().item() <= 4 * ulp * 1.01
 
 
-def test_results_do_not_depend_on_thread_count() -> None:
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_results_do_not_depend_on_thread_count(channels_last: bool) -> None:
+    # NCHW batch norm (with and without a fused activation) takes the shared-channel schedule
+    # with a team of 1, 2 or 3 threads.
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(64, 16, 20, 20, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(64, 16, 20, 20, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     w = torch.randn(16).requires_grad_(True)
     grad = torch.randn(x.shape, generator=g)
@@ -350,6 +371,8 @@ def test_results_do_not_depend_on_thread_count() -> None:
             torch.set_num_threads(n)
             outs = []
             for fn in (lambda t: F.batch_norm(t, None, None, w, None, training=True),
+                       lambda t: F.batch_norm_act(t, None, None, w, None, training=True,
+                                                  activation="silu"),
                        lambda t: F.group_norm(t, 4, w),
                        lambda t: F.layer_norm(t, t.shape[-1:])):
                 out = fn(x)
