@@ -353,17 +353,18 @@ def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
     assert (out.double() - oracle).abs().max().item() <= 4 * ulp * 1.01
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_results_do_not_depend_on_thread_count(channels_last: bool) -> None:
+@pytest.mark.parametrize(("channels_last", "dtype"), [
+    (True, torch.float32), (False, torch.float32), (False, torch.bfloat16)])
+def test_results_do_not_depend_on_thread_count(channels_last: bool, dtype: torch.dtype) -> None:
     # NCHW batch norm (with and without a fused activation) takes the shared-channel schedule
     # with a team of 1, 2 or 3 threads.
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(64, 16, 20, 20, generator=g)
+    x = torch.randn(64, 16, 20, 20, generator=g).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
     w = torch.randn(16).requires_grad_(True)
-    grad = torch.randn(x.shape, generator=g)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
     threads = torch.get_num_threads()
     results = []
     try:
