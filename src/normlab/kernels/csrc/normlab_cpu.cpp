@@ -795,19 +795,42 @@ inline int channel_team(i64 rows, i64 row_bytes) {
   return n <= cpus && rows >= n && bytes >= kTeamBytes && bytes <= kChannelBytes * n ? n : 0;
 }
 
-// Runs body(t, nt) on a team of nt threads at once (an OpenMP team, so the body may wait at
-// team_barrier); inline when nt is 1. nt is the team's actual size, which OpenMP may reduce.
-template <class F> inline void run_team(int nt, F&& body) {
-  if (nt <= 1) {
-    body(0, 1);
-    return;
-  }
-#pragma omp parallel num_threads(nt)
-  body(omp_get_thread_num(), omp_get_num_threads());
-}
-
-inline void team_barrier() {
+// The single-read schedules of a per-channel statistic over [N][C][S] rows of row_bytes each:
+// reduce(r, prefetch_next) on every row r of channel c, then finish(c, n0, n1, publish) on rows
+// [n0, n1) of it once all its rows are reduced (publish: the one call that writes the channel's
+// outputs). All threads share each channel, each on its own rows with a barrier between, when
+// channel_team allows; else a channel per thread when a channel fits kChannelBytes; false when
+// neither does (the caller then takes two sweeps over the whole tensor).
+template <class Reduce, class Finish>
+bool channel_schedule(i64 N, i64 C, i64 row_bytes, Reduce&& reduce, Finish&& finish) {
+  if (const int nt = channel_team(N, row_bytes)) {
+    auto body = [&](int t, int team) {
+      const i64 n0 = N * t / team, n1 = N * (t + 1) / team;
+      for (i64 c = 0; c < C; ++c) {
+        for (i64 n = n0; n < n1; ++n) reduce(n * C + c, n + 1 < n1);
+        if (team > 1) {
 #pragma omp barrier
+        }
+        finish(c, n0, n1, t == 0);
+      }
+    };
+    if (nt == 1) {
+      body(0, 1);
+    } else {
+      // nt is the team's actual size, which OpenMP may reduce.
+#pragma omp parallel num_threads(nt)
+      body(omp_get_thread_num(), omp_get_num_threads());
+    }
+    return true;
+  }
+  if (N * row_bytes > kChannelBytes) return false;
+  at::parallel_for(0, C, 1, [&](i64 c0, i64 c1) {
+    for (i64 c = c0; c < c1; ++c) {
+      for (i64 n = 0; n < N; ++n) reduce(n * C + c, n + 1 < N);
+      finish(c, 0, N, true);
+    }
+  });
+  return true;
 }
 
 template <class T, int ACT>
@@ -847,24 +870,10 @@ void bn_rows_forward(const T* x, T* y, i64 N, i64 C, i64 S, const acc_t<T>* w, c
       normalize_row<T, ACT>(x + r * S, y + r * S, 1, S, c, st.first, st.second, w, b);
     }
   };
-  if (const int nt = channel_team(N, S * static_cast<i64>(sizeof(T)))) {
-    run_team(nt, [&](int t, int team) {
-      const i64 n0 = N * t / team, n1 = N * (t + 1) / team;
-      for (i64 c = 0; c < C; ++c) {
-        for (i64 n = n0; n < n1; ++n) moments_row(n * C + c, n + 1 < n1);
-        team_barrier();
-        normalize_rows_of(c, n0, n1, merge_channel(c, t == 0));
-      }
-    });
-    return;
-  }
-  if (N * S * static_cast<i64>(sizeof(T)) <= kChannelBytes) {
-    at::parallel_for(0, C, 1, [&](i64 c0, i64 c1) {
-      for (i64 c = c0; c < c1; ++c) {
-        for (i64 n = 0; n < N; ++n) moments_row(n * C + c, n + 1 < N);
-        normalize_rows_of(c, 0, N, merge_channel(c));
-      }
-    });
+  if (channel_schedule(N, C, S * static_cast<i64>(sizeof(T)), moments_row,
+                       [&](i64 c, i64 n0, i64 n1, bool publish) {
+                         normalize_rows_of(c, n0, n1, merge_channel(c, publish));
+                       })) {
     return;
   }
   at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
@@ -941,29 +950,13 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
   // x and dy of a thread's rows of one channel in its L2 (the output streaming through), so the
   // dx sweep rereads both from cache: one channel per thread was 1.4x faster than two sweeps on
   // 32x64x56x56; all threads on each channel (half the bytes per L2) another 7%.
-  if (dx != nullptr) {
-    if (const int nt = channel_team(N, S * static_cast<i64>(sizeof(T)))) {
-      run_team(nt, [&](int t, int team) {
-        const i64 n0 = N * t / team, n1 = N * (t + 1) / team;
-        for (i64 c = 0; c < C; ++c) {
-          for (i64 n = n0; n < n1; ++n) row_sums(n * C + c, n + 1 < n1);
-          team_barrier();
-          const std::pair<A, A> k = channel_sums(c, t == 0);
-          for (i64 n = n0; n < n1; ++n) row_dx(n * C + c, k);
-        }
-      });
-      return;
-    }
-    if (N * S * static_cast<i64>(sizeof(T)) <= kChannelBytes) {
-      at::parallel_for(0, C, 1, [&](i64 c0, i64 c1) {
-        for (i64 c = c0; c < c1; ++c) {
-          for (i64 n = 0; n < N; ++n) row_sums(n * C + c, n + 1 < N);
-          const std::pair<A, A> k = channel_sums(c);
-          for (i64 n = 0; n < N; ++n) row_dx(n * C + c, k);
-        }
-      });
-      return;
-    }
+  if (dx != nullptr &&
+      channel_schedule(N, C, S * static_cast<i64>(sizeof(T)), row_sums,
+                       [&](i64 c, i64 n0, i64 n1, bool publish) {
+                         const std::pair<A, A> k = channel_sums(c, publish);
+                         for (i64 n = n0; n < n1; ++n) row_dx(n * C + c, k);
+                       })) {
+    return;
   }
   at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
     for (i64 r = r0; r < r1; ++r) row_sums(r);
