@@ -23,9 +23,9 @@
 // fits in a core's L2 (a row; a channels_last sample), which one thread then reduces and
 // normalizes back to back, or fits in the threads' L2s together (a batch-norm channel, each
 // thread reducing and normalizing its own rows of it, with a barrier between); twice when it does
-// not (two parallel sweeps). Rows are
-// prefetched one ahead and outputs prefetched for writing, since the hardware prefetcher stops at
-// page boundaries and every store otherwise waits for its line's read-for-ownership.
+// not (two parallel sweeps). Rows are prefetched one ahead and outputs prefetched for writing,
+// since the hardware prefetcher stops at page boundaries and every store otherwise waits for its
+// line's read-for-ownership.
 
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -765,8 +765,9 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
 // one normalize sweep. When a thread's share of a channel's rows fits in L2 with room for the
 // output, the channels are done one after another by all threads together, each on its own rows
 // (moments, a barrier, normalize), so the normalize sweep reads its rows from its own cache; a
-// channel per thread when there are fewer rows than threads; else two parallel sweeps over the
-// whole tensor. All schedules compute the same numbers (per-row partials merged in row order).
+// channel per thread where that does not pay or cannot run (channel_team); two parallel sweeps
+// over the whole tensor for larger channels (channel_schedule). All schedules compute the same
+// numbers (per-row partials merged in row order).
 constexpr i64 kChannelBytes = 512 << 10;
 
 // CPUs in this process's affinity mask (the machine's count where that is unknown).
