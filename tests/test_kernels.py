@@ -265,13 +265,15 @@ def test_large_offset_no_worse_than_torch(op: str, layout: str) -> None:
     # Batch norm NCHW, by channel size against the cache budget (512 KB per thread): a channel of
     # 4 x 40000 floats (640 KB) takes two sweeps on one thread and the shared-channel schedule
     # (each thread its rows, a barrier per channel) on two; 4 x 90000 (1.4 MB) two sweeps on two;
-    # 3 x 10000 (120 KB, rows split 1 + 2) is shared by two threads; channels under 64 KB
-    # (4 x 400), a single row per channel, and more threads than CPUs leave a channel per thread.
+    # 3 x 22500 (270 KB, rows split 1 + 2) is shared by two threads; channels under 256 KB
+    # (4 x 10000, 4 x 400), a single row per channel, and more threads than CPUs leave a channel
+    # per thread.
     ("batch_norm", (4, 3, 200, 200), False, 1),
     ("batch_norm", (4, 3, 200, 200), False, 2),
     ("batch_norm", (4, 3, 300, 300), False, 2),
-    ("batch_norm", (3, 3, 100, 100), False, 2),
-    ("batch_norm", (4, 3, 100, 100), False, 3),
+    ("batch_norm", (3, 3, 150, 150), False, 2),
+    ("batch_norm", (4, 3, 100, 100), False, 2),
+    ("batch_norm", (4, 3, 200, 200), False, 3),
     ("batch_norm", (4, 3, 20, 20), False, 2),
     ("batch_norm", (1, 5, 20, 20), False, 2),
     # channels_last group/instance norm: a 1.1 MB sample takes the two-sweep schedule; 1100
@@ -359,15 +361,15 @@ def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(("channels_last", "dtype"), [
     (True, torch.float32), (False, torch.float32), (False, torch.bfloat16)])
 def test_results_do_not_depend_on_thread_count(channels_last: bool, dtype: torch.dtype) -> None:
-    # NCHW batch norm (with and without a fused activation) takes the shared-channel schedule
-    # with a team of 1, 2 or 3 threads (channels of 64 x 576 values: 72 KB in bfloat16; 3
-    # threads where the process has 3 CPUs, else a channel per thread).
+    # NCHW batch norm (with and without a fused activation): channels of 64 x 2304 values (590 KB
+    # in float32, two sweeps on one thread; 295 KB in bfloat16) are shared by 2 or 3 threads (3
+    # where the process has 3 CPUs, else a channel per thread).
     g = torch.Generator().manual_seed(9)
-    x = torch.randn(64, 16, 24, 24, generator=g).to(dtype)
+    x = torch.randn(64, 8, 48, 48, generator=g).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    w = torch.randn(16).requires_grad_(True)
+    w = torch.randn(8).requires_grad_(True)
     grad = torch.randn(x.shape, generator=g).to(dtype)
     threads = torch.get_num_threads()
     results = []

@@ -770,6 +770,8 @@ void row_backward(const T* dy, const T* x, const T* dextra, T* dx, i64 R, i64 K,
 // numbers (per-row partials merged in row order).
 constexpr i64 kChannelBytes = 512 << 10;
 
+#define NL_NOINLINE __attribute__((noinline))
+
 // CPUs in this process's affinity mask (the machine's count where that is unknown).
 inline int usable_cpus() {
 #if defined(__linux__)
@@ -779,21 +781,27 @@ inline int usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Threads for the shared-channel schedule over `rows` rows of `row_bytes` each: all of them, when
-// each gets a row and its share fits kChannelBytes; 0 when the schedule does not apply. One thread
-// inside a parallel region (nested regions run serially anyway). None for channels under
-// kTeamBytes, whose barrier costs more than the cache saves (BatchNorm2d 32x32x8x8 fwd+bwd,
-// 8 KB channels: 475 us with a channel per thread, 503-517 us shared), nor when the threads
-// outnumber the CPUs this process may run on: a team that waits at a barrier per channel then
-// waits for time slices (fwd+bwd 32x64x56x56, 8 threads on 2 CPUs: 9.9 ms with a channel per
-// thread, 12.2 ms sharing channels).
-constexpr i64 kTeamBytes = 64 << 10;
+// Threads for the shared-channel schedule over `rows` rows of `row_bytes` each: all of them when
+// the channel would crowd one core's L2 next to its output (from kTeamChannelBytes), each thread
+// gets a row, and each thread's share is between kTeamShareBytes and kChannelBytes; 0 otherwise
+// (one thread inside a parallel region: nested regions run serially anyway).
+// - Sharing a 401 KB channel (32x64x56x56) made the backward 7% faster on 2 cores, an 802 KB one
+//   (64x64x56x56), which had taken two sweeps, 15-20%; on 100-200 KB channels the two schedules
+//   measured alike, and on 8 KB ones (32x32x8x8) sharing was 3-7% slower: a barrier per channel
+//   must have enough work per thread behind it.
+// - Not when the threads outnumber the CPUs this process may run on: a team that waits at a
+//   barrier per channel then waits for time slices (fwd+bwd 32x64x56x56, 8 threads on 2 CPUs:
+//   9.9 ms with a channel per thread, 12.2 ms sharing channels).
+constexpr i64 kTeamChannelBytes = 256 << 10;
+constexpr i64 kTeamShareBytes = 64 << 10;
 
 inline int channel_team(i64 rows, i64 row_bytes) {
   static const int cpus = usable_cpus();
   const int n = at::in_parallel_region() ? 1 : at::get_num_threads();
   const i64 bytes = rows * row_bytes;
-  return n <= cpus && rows >= n && bytes >= kTeamBytes && bytes <= kChannelBytes * n ? n : 0;
+  const bool fits = bytes >= kTeamChannelBytes && bytes >= kTeamShareBytes * n &&
+                    bytes <= kChannelBytes * n;
+  return n <= cpus && rows >= n && fits ? n : 0;
 }
 
 // The single-read schedules of a per-channel statistic over [N][C][S] rows of row_bytes each:
@@ -860,16 +868,19 @@ void bn_rows_forward(const T* x, T* y, i64 N, i64 C, i64 S, const acc_t<T>* w, c
     }
     return std::pair<double, A>(m, rs);
   };
-  auto moments_row = [&](i64 r, bool prefetch_next) {
+  // The per-row work is out of line (NL_NOINLINE) so that every schedule runs the same machine code
+  // and computes the same bits: inlined into two callers, GCC contracted the fused activation's
+  // arithmetic differently (dx of batch norm + SiLU differed by an ulp between schedules).
+  auto moments_row = [&](i64 r, bool prefetch_next) NL_NOINLINE {
     // The channel's rows are strided, which the hardware prefetcher does not follow.
     run_moments(x + r * S, S, 1, rm[r], rq[r],
                 prefetch_next && S <= kPrefetchRow ? x + (r + C) * S : nullptr);
   };
+  auto normalize_one = [&](i64 r, std::pair<double, A> st) NL_NOINLINE {
+    normalize_row<T, ACT>(x + r * S, y + r * S, 1, S, r % C, st.first, st.second, w, b);
+  };
   auto normalize_rows_of = [&](i64 c, i64 n0, i64 n1, std::pair<double, A> st) {
-    for (i64 n = n0; n < n1; ++n) {
-      const i64 r = n * C + c;
-      normalize_row<T, ACT>(x + r * S, y + r * S, 1, S, c, st.first, st.second, w, b);
-    }
+    for (i64 n = n0; n < n1; ++n) normalize_one(n * C + c, st);
   };
   if (channel_schedule(N, C, S * static_cast<i64>(sizeof(T)), moments_row,
                        [&](i64 c, i64 n0, i64 n1, bool publish) {
@@ -883,10 +894,7 @@ void bn_rows_forward(const T* x, T* y, i64 N, i64 C, i64 S, const acc_t<T>* w, c
   std::vector<std::pair<double, A>> st(C);
   for (i64 c = 0; c < C; ++c) st[c] = merge_channel(c);
   at::parallel_for(0, R, grain_rows(S), [&](i64 r0, i64 r1) {
-    for (i64 r = r0; r < r1; ++r) {
-      const i64 c = r % C;
-      normalize_row<T, ACT>(x + r * S, y + r * S, 1, S, c, st[c].first, st[c].second, w, b);
-    }
+    for (i64 r = r0; r < r1; ++r) normalize_one(r, st[r % C]);
   });
 }
 
@@ -900,7 +908,8 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
   std::vector<double> sd(R), sdx(R);
   // prefetch_next: also prefetch row r + C (the channel's next row, which the hardware prefetcher
   // does not follow across the stride).
-  auto row_sums = [&](i64 r, bool prefetch_next = false) {
+  // Out of line, as in the forward: the same bits from every schedule.
+  auto row_sums = [&](i64 r, bool prefetch_next = false) NL_NOINLINE {
     const i64 c = r % C;
     const A m = mean[c], rs = rstd[c], wc = w[c], bc = b[c];
     const T* xr = x + r * S;
@@ -933,7 +942,7 @@ void bn_rows_backward(const T* dy, const T* x, T* dx, i64 N, i64 C, i64 S, const
     }
     return std::pair<A, A>(static_cast<A>(t0 / M), static_cast<A>(t1 / M));
   };
-  auto row_dx = [&](i64 r, std::pair<A, A> k) {
+  auto row_dx = [&](i64 r, std::pair<A, A> k) NL_NOINLINE {
     const i64 c = r % C;
     const A m = mean[c], rs = rstd[c], wc = w[c], bc = b[c], k1 = k.first, k2 = k.second;
     const A a = rs * wc;
