@@ -360,7 +360,8 @@ def test_low_precision_accumulates_in_float32(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize(("channels_last", "dtype"), [
     (True, torch.float32), (False, torch.float32), (False, torch.bfloat16)])
-def test_results_do_not_depend_on_thread_count(channels_last: bool, dtype: torch.dtype) -> None:
+def test_results_do_not_depend_on_thread_count(channels_last: bool, dtype: torch.dtype,
+                                               num_threads) -> None:
     # NCHW batch norm (with and without a fused activation): channels of 64 x 2304 values (590 KB
     # in float32, two sweeps on one thread; 295 KB in bfloat16) are shared by 2 or 3 threads (3
     # where the process has 3 CPUs, else a channel per thread).
@@ -371,22 +372,18 @@ def test_results_do_not_depend_on_thread_count(channels_last: bool, dtype: torch
     x.requires_grad_(True)
     w = torch.randn(8).requires_grad_(True)
     grad = torch.randn(x.shape, generator=g).to(dtype)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outs = []
-            for fn in (lambda t: F.batch_norm(t, None, None, w, None, training=True),
-                       lambda t: F.batch_norm_act(t, None, None, w, None, training=True,
-                                                  activation="silu"),
-                       lambda t: F.group_norm(t, 4, w),
-                       lambda t: F.layer_norm(t, t.shape[-1:])):
-                out = fn(x)
-                outs.append((out, *torch.autograd.grad(out, [x, w], grad, allow_unused=True)))
-            results.append(outs)
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2, 3):
+        num_threads(n)
+        outs = []
+        for fn in (lambda t: F.batch_norm(t, None, None, w, None, training=True),
+                   lambda t: F.batch_norm_act(t, None, None, w, None, training=True,
+                                              activation="silu"),
+                   lambda t: F.group_norm(t, 4, w),
+                   lambda t: F.layer_norm(t, t.shape[-1:])):
+            out = fn(x)
+            outs.append((out, *torch.autograd.grad(out, [x, w], grad, allow_unused=True)))
+        results.append(outs)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             for ta, tb in zip(a, b):
