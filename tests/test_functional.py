@@ -214,18 +214,27 @@ def test_inference_calls_skip_the_graph_and_agree_with_training_calls(path: str)
 
 # torch's forward-AD helpers call the deprecated torch.jit.script internally.
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
-def test_forward_mode_ad_is_refused_not_silently_dropped():
-    # Dual tensors do not set requires_grad; the graph-free inference path must not swallow their
-    # tangents. No jvp is implemented, so torch's own error is the honest answer.
+def test_forward_mode_ad_matches_torch():
+    # Dual tensors do not set requires_grad: the tangent must still come through (the reference
+    # math runs under a forward-AD level), equal to torch's own norms' jvp.
     import torch.autograd.forward_ad as fwAD
 
     from normlab.functional import fused
 
-    x = torch.randn(4, 8)
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.randn(4, 8))
-        for call in (lambda: F.layer_norm(dual, (8,)),
-                     lambda: F.batch_norm(dual, None, None, training=True),
-                     lambda: fused.add_layer_norm(dual, x, 8)):
-            with pytest.raises(NotImplementedError, match="jvp"):
-                call()
+    x, t, r = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    tn = torch.nn.functional
+    pairs = [
+        (lambda d: F.layer_norm(d, (8,)), lambda d: tn.layer_norm(d, (8,))),
+        (lambda d: F.batch_norm(d, None, None, training=True),
+         lambda d: tn.batch_norm(d, None, None, training=True)),
+        (lambda d: F.rms_norm(d, (8,)), lambda d: tn.rms_norm(d, (8,))),
+        (lambda d: fused.add_layer_norm(d, r, 8)[0], lambda d: tn.layer_norm(d + r, (8,))),
+    ]
+    for ours, theirs in pairs:
+        tangents = []
+        for fn in (ours, theirs):
+            with fwAD.dual_level():
+                out = fn(fwAD.make_dual(x, t))
+                tangents.append(fwAD.unpack_dual(out).tangent)
+        assert tangents[0] is not None
+        torch.testing.assert_close(tangents[0], tangents[1], atol=1e-5, rtol=1e-4)

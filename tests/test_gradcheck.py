@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import normlab.functional as F
+import normlab.nn as nnl
+from normlab.functional import fused
 
 
 def _t(*shape, seed=0, positive=False):
@@ -40,20 +42,44 @@ def test_gradcheck(name):
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "batch_norm", "batch_norm_act", "add_layer_norm"])
-def test_double_backward_is_refused_with_a_clear_error(op):
-    from normlab.functional import fused
+FUSED_CHECKS = {
+    "batch_norm_act_silu": lambda: (lambda x, w, b: fused.batch_norm_act(x, None, None, w, b, True, activation="silu"), (_t(4, 3), _t(3, positive=True), _t(3))),
+    "batch_norm_act_gelu_eval": lambda: (lambda x, w, b: fused.batch_norm_act(x, _RM, _RV, w, b, False, activation="gelu"), (_t(3, 2, 4), _t(2, positive=True), _t(2))),
+    "group_norm_act_silu": lambda: (lambda x, w, b: fused.group_norm_act(x, 2, w, b, activation="silu"), (_t(2, 4, 3), _t(4, positive=True), _t(4))),
+    "add_layer_norm": lambda: (lambda x, r, w, b: fused.add_layer_norm(x, r, (3,), w, b), (_t(4, 3), _t(4, 3, seed=1), _t(3, positive=True), _t(3))),
+    "add_layer_norm_gelu": lambda: (lambda x, r, w, b: fused.add_layer_norm(x, r, (3,), w, b, activation="gelu"), (_t(4, 3), _t(4, 3, seed=1), _t(3, positive=True), _t(3))),
+    "add_rms_norm": lambda: (lambda x, r, w: fused.add_rms_norm(x, r, (3,), w), (_t(4, 3), _t(4, 3, seed=1), _t(3, positive=True))),
+}
 
-    x = _t(4, 3)
-    y = {
-        "layer_norm": lambda: F.layer_norm(x, (3,)),
-        "batch_norm": lambda: F.batch_norm(x, None, None, training=True),
-        "batch_norm_act": lambda: fused.batch_norm_act(x, None, None, training=True,
-                                                       activation="silu"),
-        "add_layer_norm": lambda: fused.add_layer_norm(x, _t(4, 3, seed=1), (3,))[0],
-    }[op]()
-    # `* x`: the gradient also flows around the norm, so it has a graph and a double backward
-    # would run; without the refusal it would silently drop the norm's second derivative.
-    (g,) = torch.autograd.grad((y * x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"once_differentiable"):
-        g.sum().backward()
+
+@pytest.mark.parametrize("name", sorted(CHECKS) + sorted(FUSED_CHECKS))
+def test_gradgradcheck(name):
+    # Double backward is exact: a graph through the backward runs the reference math with the
+    # statistics recomputed from the input, so every path through mean and variance counts.
+    fn, inputs = {**CHECKS, **FUSED_CHECKS}[name]()
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_penalty_through_layer_norm_equals_torch(dtype):
+    # WGAN-GP: the penalty on the input gradient's norm, differentiated into the parameters.
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(6, 8), nnl.LayerNorm(8), torch.nn.Tanh(),
+                               torch.nn.Linear(8, 1)).to(dtype)
+    theirs = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(),
+                                 torch.nn.Linear(8, 1)).to(dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 6, dtype=dtype)
+
+    def penalty(model):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        loss = (g.norm(dim=1) - 1).pow(2).mean()
+        # allow_unused: the last layer's bias does not reach the input gradient
+        return torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
+    got, want = penalty(ours), penalty(theirs)
+    assert [g is None for g in got] == [w is None for w in want] == [False] * 5 + [True]
+    for a, b in zip(got[:5], want[:5]):
+        torch.testing.assert_close(a, b, **tol)

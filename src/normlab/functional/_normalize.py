@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from normlab import kernels
 from normlab.functional.moments import compute_dtype, moments
@@ -85,8 +82,9 @@ def _param_sum_dims(layout: Layout, ndim: int) -> list[int]:
 
 
 def _sum(t: Tensor, dims: list[int]) -> Tensor:
-    # torch's sum over an empty dim list reduces everything; here it must be the identity.
-    return t.sum(dims) if dims else t
+    # torch's sum over an empty dim list reduces everything; here it must be the identity (a
+    # copy: an op's gradient may not alias the incoming gradient).
+    return t.sum(dims) if dims else t.clone()
 
 
 def normalize_forward(
@@ -158,105 +156,174 @@ def normalize_backward(
     return grad_input, grad_weight, grad_bias
 
 
-_REFERENCE = kernels.Kernel(forward=normalize_forward, backward=normalize_backward)
+# ------------------------------------------------------------------------------------------------
+# Fused activation and residual add (the references of the fused kernels).
+
+ACTIVATIONS = (None, "relu", "silu", "gelu")
 
 
-class _Normalize(torch.autograd.Function):
-    # One output: the statistics leave through `stats_out` instead (each extra output of an
-    # autograd function, and marking it non-differentiable, is host time on every call).
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        op: str,
-        layout: Layout,
-        eps: float,
-        fixed_mean: Tensor | None,
-        fixed_var: Tensor | None,
-        stats_out: list[Tensor],
-    ) -> Tensor:
-        kernel = kernels.select(op, x, _REFERENCE)
-        stats = _graph_stats(fixed_mean, fixed_var)
-        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.kernel, ctx.layout, ctx.batch_stats = kernel, layout, stats is None
-        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
-        stats_out += (mean, var)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
-        return once_differentiable_backward(_normalize_backward, ctx, grad_out)
+def activate(z: Tensor, activation: str | None) -> Tensor:
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(z)
+    return z
 
 
-def _normalize_backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
-    x, weight, mean, invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_input, grad_weight, grad_bias = ctx.kernel.backward(
-        kernels.like(x, grad_out),
-        x,
-        weight,
-        mean,
-        invstd,
-        ctx.layout,
-        ctx.batch_stats,
-        (needs[0], needs[1], needs[2]),
-    )
-    if grad_bias is not None:
-        grad_bias = kernels.as_param_grad(grad_bias, *ctx.bias_meta)
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+def activation_grad(z: Tensor, activation: str | None) -> Tensor:
+    """d activation(z) / dz, elementwise."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * torch.exp(-0.5 * z * z)
+    return torch.ones_like(z)
 
 
-def once_differentiable_backward(backward: Any, ctx: Any, *grads: Any) -> tuple[Any, ...]:
-    """Run a hand-written (not differentiable) backward: directly in the common case, and under
-    torch's ``once_differentiable`` when grad mode is on (``create_graph=True``), so that a
-    double backward raises instead of silently returning a graph-less gradient. The decorator
-    itself costs several microseconds on every backward."""
-    if torch.is_grad_enabled():
-        return once_differentiable(backward)(ctx, *grads)
-    return backward(ctx, *grads)
+def norm_act_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Layout, eps: float,
+    stats: tuple[Tensor, Tensor] | None, activation: str | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Reference: ``(activation(norm(x)), mean, var, invstd)``."""
+    z, mean, var, invstd = normalize_forward(x, weight, bias, layout, eps, stats)
+    return activate(z, activation), mean, var, invstd
 
 
-def _graph_stats(fixed_mean: Tensor | None,
-                 fixed_var: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """Fixed statistics for a graph: a copy of the mean, which kernels may return as the mean the
-    backward reads, and the running buffers can move on before the backward runs. The variance
-    needs none: the backward reads the invstd computed from it, always a new tensor (the var
-    returned next to the output is then the buffer itself, as on the inference path)."""
-    if fixed_mean is None or fixed_var is None:
-        return None
-    return fixed_mean.clone(), fixed_var
+def norm_act_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    invstd: Tensor, layout: Layout, batch_stats: bool, needs: tuple[bool, bool, bool],
+    activation: str | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Reference: recompute the pre-activation ``z``, then the norm's backward on
+    ``grad_out * activation'(z)``."""
+    cdtype = mean.dtype
+    xc = x.to(cdtype)
+    z = (xc - mean).mul_(invstd) if layout.center else xc * invstd
+    if weight is not None:
+        z.mul_(weight.to(cdtype).view(layout.param_shape))
+    if bias is not None:
+        z.add_(bias.to(cdtype).view(layout.param_shape))
+    grad_z = (grad_out.to(cdtype) * activation_grad(z, activation)).to(x.dtype)
+    return normalize_backward(grad_z, x, weight, mean, invstd, layout, batch_stats, needs)
 
 
-def normalize(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    op: str,
-    layout: Layout,
-    eps: float,
-    stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable normalize; returns ``(out, mean, var)`` with the statistics detached."""
-    if not needs_graph(x, weight, bias):
-        # Inference: the kernel directly, without an autograd node (its Python set-up costs more
-        # than a small normalization).
-        out, mean, var, _invstd = kernels.select(op, x, _REFERENCE).forward(
-            x, weight, bias, layout, eps, stats)
-        return out, mean, var
-    fixed_mean, fixed_var = (None, None) if stats is None else stats
-    stats_out: list[Tensor] = []
-    out = _Normalize.apply(x, weight, bias, op, layout, eps, fixed_mean, fixed_var, stats_out)
-    return out, stats_out[0], stats_out[1]
+def add_norm_forward(
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Layout,
+    eps: float, activation: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Reference: ``(out, sum, mean, var, invstd)`` with ``sum = x + residual`` and
+    ``out = activation(norm(sum))``."""
+    s = x + residual
+    z, mean, var, invstd = normalize_forward(s, weight, bias, layout, eps)
+    return activate(z, activation), s, mean, var, invstd
 
 
-def needs_graph(*tensors: Tensor | None) -> bool:
-    """Whether a call must go through the autograd function: some tensor needs a gradient, or a
-    forward-mode AD level is active (dual tensors do not set requires_grad; skipping the function
-    would drop their tangents silently instead of refusing them)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return True
-    # A private attribute (no public query exists); if it ever goes away, always take the graph.
-    return getattr(forward_ad, "_current_level", 0) >= 0
+def add_norm_backward(
+    grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor, weight: Tensor | None,
+    bias: Tensor | None, mean: Tensor, invstd: Tensor, layout: Layout,
+    needs: tuple[bool, bool, bool], activation: str | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Reference: ``(grad_sum_total, grad_weight, grad_bias)``; the first is the gradient of both
+    the input and the residual. ``bias`` is read only to recompute the pre-activation."""
+    if grad_out is None:
+        # No gradient reaches the output, so the activation's derivative cannot matter.
+        grad_out, activation = torch.zeros_like(s), None
+    if activation is None:
+        grad_s, grad_weight, grad_bias = normalize_backward(
+            grad_out, s, weight, mean, invstd, layout, True, needs
+        )
+    else:
+        grad_s, grad_weight, grad_bias = norm_act_backward(
+            grad_out, s, weight, bias, mean, invstd, layout, True, needs, activation
+        )
+    if grad_s is not None and grad_sum is not None:
+        grad_s = grad_s + grad_sum
+    return grad_s, grad_weight, grad_bias
+
+
+# ------------------------------------------------------------------------------------------------
+# Running statistics (the reference of the "running_stats" kernel).
+
+
+def updated_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+) -> tuple[Tensor, Tensor]:
+    """New running (mean, var) after one batch; pure (the inputs are not modified).
+
+    Args:
+        running_mean, running_var: current estimates, shape (C,).
+        mean, var: the batch's mean and *biased* variance, any shape with C elements.
+        count: samples per channel behind `var`; the stored variance is unbiased, var * n/(n-1).
+        momentum: weight of the new batch (torch's convention; Flax/Keras use decay = 1 - momentum).
+    """
+    unbiased = var.reshape(-1) * (count / max(count - 1, 1))
+    new_mean = torch.lerp(running_mean.to(mean.dtype), mean.reshape(-1), momentum)
+    new_var = torch.lerp(running_var.to(var.dtype), unbiased, momentum)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float, check: bool) -> bool:
+    """Reference for the ``"running_stats"`` kernel: fold one batch into the buffers in place and
+    return True, or, with `check` and a NaN/inf statistic, change nothing and return False."""
+    # One scalar check on the common path (a read-back: on a GPU, a synchronization).
+    if check and _nonfinite_probe(mean, var).item() != 0:
+        return False
+    with torch.no_grad():
+        if running_mean.dtype == running_var.dtype == mean.dtype == var.dtype and \
+                running_mean.dtype not in (torch.float16, torch.bfloat16):
+            # The common case in place: three small ops instead of ten.
+            running_mean.lerp_(mean.reshape(-1), momentum)
+            running_var.lerp_(var.reshape(-1) * (count / max(count - 1, 1)), momentum)
+        else:
+            _write_running_stats(running_mean, running_var, mean, var, count, momentum)
+    return True
+
+
+def _write_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: int, momentum: float, keep: Tensor | None = None) -> None:
+    """The general update (any dtypes): low-precision buffers saturate instead of overflowing;
+    with `keep` (a 0-dim bool on the device) the new values go in only where it is true."""
+    new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
+    for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
+        if buffer.dtype in (torch.float16, torch.bfloat16):
+            limit = torch.finfo(buffer.dtype).max
+            new = new.clamp(-limit, limit)
+        buffer.copy_(new if keep is None else torch.where(keep, new, buffer))
+
+
+def _nonfinite_probe(mean: Tensor, var: Tensor) -> Tensor:
+    """0 when every statistic is finite, NaN otherwise: m - m + v - v is exactly 0 for finite
+    values and NaN for inf or NaN, and a sum of zeros cannot overflow (a sum of the statistics
+    themselves can, sending a healthy batch with very large activations down the per-channel
+    search). Five small ops where isfinite of a sum took eight."""
+    return (mean - mean).add_(var).sub_(var).sum()
+
+
+@torch.no_grad()
+def update_running_stats_masked(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                                var: Tensor, count: int, momentum: float) -> Tensor:
+    """The update without a host read-back (on a GPU that would be a synchronization every
+    training step): the finiteness flag stays on the device and selects between the new and the
+    old values; returns it (a 0-dim bool tensor)."""
+    ok = _nonfinite_probe(mean, var) == 0
+    _write_running_stats(running_mean, running_var, mean, var, count, momentum, keep=ok)
+    return ok
+
+
+# The references every fast kernel falls back to and is tested against (see normlab.kernels).
+REFERENCE = kernels.Kernel(forward=normalize_forward, backward=normalize_backward)
+NORM_ACT_REFERENCE = kernels.Kernel(forward=norm_act_forward, backward=norm_act_backward)
+ADD_NORM_REFERENCE = kernels.Kernel(forward=add_norm_forward, backward=add_norm_backward)
+RUNNING_STATS_REFERENCE = kernels.Kernel(forward=update_running_stats)
+_REFERENCE = REFERENCE  # the name tests and older code use

@@ -14,9 +14,14 @@ import warnings
 import torch
 from torch import Tensor
 
-from normlab import kernels
+from normlab.functional import _ops
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import (
+    Layout,
+    update_running_stats,  # noqa: F401  (re-exported: the running_stats kernel's reference)
+    updated_running_stats,
+)
+from normlab.functional._ops import normalize
 
 __all__ = [
     "batch_norm",
@@ -35,28 +40,6 @@ def batch_norm_layout(ndim: int, num_channels: int) -> Layout:
     """Statistics per channel (dim 1) over the batch and all spatial dims."""
     spatial = tuple(range(2, ndim))
     return Layout(reduce_dims=(0, *spatial), param_shape=(1, num_channels, *(1,) * len(spatial)))
-
-
-def updated_running_stats(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    momentum: float,
-) -> tuple[Tensor, Tensor]:
-    """New running (mean, var) after one batch; pure (the inputs are not modified).
-
-    Args:
-        running_mean, running_var: current estimates, shape (C,).
-        mean, var: the batch's mean and *biased* variance, any shape with C elements.
-        count: samples per channel behind `var`; the stored variance is unbiased, var * n/(n-1).
-        momentum: weight of the new batch (torch's convention; Flax/Keras use decay = 1 - momentum).
-    """
-    unbiased = var.reshape(-1) * (count / max(count - 1, 1))
-    new_mean = torch.lerp(running_mean.to(mean.dtype), mean.reshape(-1), momentum)
-    new_var = torch.lerp(running_var.to(var.dtype), unbiased, momentum)
-    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
 
 
 NONFINITE_POLICIES = ("error", "skip", "commit", "mask")
@@ -81,15 +64,26 @@ def commit_running_stats(
     from the device: off the CPU the update is selected on the device and the return value is
     that 0-dim bool tensor, for :func:`count_batch`). Low-precision buffers saturate at their
     dtype's largest value instead of overflowing to inf. The update itself is the
-    ``"running_stats"`` kernel (one C++ call on the CPU; :func:`update_running_stats` else).
+    ``normlab::update_running_stats_`` op (one C++ call on the CPU). Under a tracer
+    (``torch.compile``, ``torch.export``, ``torch.jit.trace``) or on fake/meta tensors the flag is
+    returned as a tensor: "error" becomes an in-graph assertion (a RuntimeError when it fails)
+    and "skip" behaves as "mask".
     """
+    committed = _ops.commit_flag(running_mean, running_var, mean, var, count, momentum,
+                                 on_nonfinite != "commit")
+    if not _readable(committed):
+        # Traced (torch.compile, export, jit) or fake/meta: nothing can be read back, and the op
+        # already left the buffers alone for a non-finite batch; "error" becomes an assertion in
+        # the graph, "skip" the same as "mask" (a warning would need the value on the host).
+        if on_nonfinite == "error":
+            torch._assert_async(committed, f"{op}: the batch statistics are NaN or infinite; "
+                                "the running statistics were not updated")
+        return committed
     if on_nonfinite == "mask" and not mean.is_cpu:
-        return _commit_masked(running_mean, running_var, mean, var, count, momentum)
-    kernel = kernels.select("running_stats", mean, _RUNNING_STATS_REFERENCE)
-    if kernel.forward(running_mean, running_var, mean, var, count, momentum,
-                      on_nonfinite != "commit"):
+        return committed  # stays on the device: no synchronization
+    if committed.item():
         return True
-    if on_nonfinite == "mask":  # on the CPU the check reads nothing back from a device
+    if on_nonfinite == "mask":
         return False
     bad = ~(torch.isfinite(mean.reshape(-1)) & torch.isfinite(var.reshape(-1)))
     channels = bad.nonzero().flatten().tolist()
@@ -107,55 +101,11 @@ def commit_running_stats(
     return False
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: int, momentum: float, check: bool) -> bool:
-    """Reference for the ``"running_stats"`` kernel: fold one batch into the buffers in place and
-    return True, or, with `check` and a NaN/inf statistic, change nothing and return False."""
-    # One scalar check on the common path (a read-back: on a GPU, a synchronization).
-    if check and _nonfinite_probe(mean, var).item() != 0:
-        return False
-    with torch.no_grad():
-        if running_mean.dtype == running_var.dtype == mean.dtype == var.dtype and \
-                running_mean.dtype not in (torch.float16, torch.bfloat16):
-            # The common case in place: three small ops instead of ten.
-            running_mean.lerp_(mean.reshape(-1), momentum)
-            running_var.lerp_(var.reshape(-1) * (count / max(count - 1, 1)), momentum)
-        else:
-            _write_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return True
-
-
-_RUNNING_STATS_REFERENCE = kernels.Kernel(forward=update_running_stats)
-
-
-def _write_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: int, momentum: float, keep: Tensor | None = None) -> None:
-    """The general update (any dtypes): low-precision buffers saturate instead of overflowing;
-    with `keep` (a 0-dim bool on the device) the new values go in only where it is true."""
-    new_mean, new_var = updated_running_stats(running_mean, running_var, mean, var, count, momentum)
-    for buffer, new in ((running_mean, new_mean), (running_var, new_var)):
-        if buffer.dtype in (torch.float16, torch.bfloat16):
-            limit = torch.finfo(buffer.dtype).max
-            new = new.clamp(-limit, limit)
-        buffer.copy_(new if keep is None else torch.where(keep, new, buffer))
-
-
-def _nonfinite_probe(mean: Tensor, var: Tensor) -> Tensor:
-    """0 when every statistic is finite, NaN otherwise: m - m + v - v is exactly 0 for finite
-    values and NaN for inf or NaN, and a sum of zeros cannot overflow (a sum of the statistics
-    themselves can, sending a healthy batch with very large activations down the per-channel
-    search). Five small ops where isfinite of a sum took eight."""
-    return (mean - mean).add_(var).sub_(var).sum()
-
-
-@torch.no_grad()
-def _commit_masked(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                   count: int, momentum: float) -> Tensor:
-    # No host read-back (on a GPU that would be a synchronization every training step): the
-    # finiteness flag stays on the device and selects between the new and the old values.
-    ok = _nonfinite_probe(mean, var) == 0
-    _write_running_stats(running_mean, running_var, mean, var, count, momentum, keep=ok)
-    return ok
+def _readable(flag: Tensor) -> bool:
+    """Whether a commit flag can be read on the host now: a plain tensor with data, outside any
+    tracer."""
+    return (type(flag) is Tensor and not flag.is_meta and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())
 
 
 def count_batch(num_batches_tracked: Tensor | None, committed: bool | Tensor) -> None:

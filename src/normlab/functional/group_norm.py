@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import grouped_layout, normalize
+from normlab.functional._normalize import grouped_layout
+from normlab.functional._ops import normalize
 
 __all__ = ["group_norm"]
 

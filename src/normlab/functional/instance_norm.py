@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import Layout
+from normlab.functional._ops import normalize
 from normlab.functional.batch_norm import check_nonfinite_policy, commit_running_stats
 
 __all__ = ["instance_norm"]

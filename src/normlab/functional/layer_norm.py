@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import normalize, trailing_layout
+from normlab.functional._normalize import trailing_layout
+from normlab.functional._ops import normalize
 
 __all__ = ["layer_norm"]
 

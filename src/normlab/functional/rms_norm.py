@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import normalize, trailing_layout
+from normlab.functional._normalize import trailing_layout
+from normlab.functional._ops import normalize
 from normlab.functional.moments import compute_dtype
 
 __all__ = ["rms_norm"]

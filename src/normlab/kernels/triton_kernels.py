@@ -590,8 +590,9 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
     else:  # row_fixed
         launch(1, d["smod"], True)
     # stage 2 of the parameter gradients: a fixed-order sum over samples
-    gw, gb = parts.view(2, -1, plan.nparam).sum(1).unbind(0)
-    return dx, gw, gb
+    # two sums, not one and an unbind: outputs of an op may not be views of one tensor
+    parts = parts.view(2, -1, plan.nparam)
+    return dx, parts[0].sum(0), parts[1].sum(0)
 
 
 def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | None,
@@ -624,7 +625,7 @@ def _wide_rows_backward(layout: Any, dy: Tensor, x: Tensor, dextra: Tensor | Non
 def _partials(n: int, K: int, device: torch.device,
               need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(buffer, weight partials, bias partials): [n, K] float32 stage-1 partial sums, both in one
-    buffer so that stage 2 is one sum (one launch); without a bias, the weight's only."""
+    buffer; without a bias, the weight's only."""
     if not need_db:
         parts = torch.empty(n, K, device=device, dtype=torch.float32)
         return parts, parts, parts
@@ -637,5 +638,4 @@ def _summed(parts: Tensor, need_db: bool) -> tuple[Tensor, Tensor | None]:
     """Stage 2 of the parameter gradients: a fixed-order sum over the partials' rows."""
     if not need_db:
         return parts.sum(0), None
-    gw, gb = parts.sum(1).unbind(0)
-    return gw, gb
+    return parts[0].sum(0), parts[1].sum(0)  # separate tensors: op outputs may not alias

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import Layout, normalize
+from normlab.functional._normalize import Layout
+from normlab.functional._ops import normalize
 from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats, count_batch
 from normlab.nn.batchnorm import _BatchNorm
 

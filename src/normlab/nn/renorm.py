@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import normalize
+from normlab.functional._ops import normalize
 from normlab.functional.batch_norm import (
     batch_norm_layout,
     check_values_per_channel,

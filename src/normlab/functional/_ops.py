@@ -1,0 +1,444 @@
+r"""normlab's operators: every normalization is an op in PyTorch's dispatcher, ``torch.ops.normlab``.
+
+The schemas below are the one contract between the Python layer and the kernels:
+
+* ``normalize``: the primitive (statistics over ``reduce_dims``, parameters viewed as
+  ``param_shape``, optional mean subtraction, fixed statistics and a fused activation), returning
+  ``(out, mean, var, invstd)``;
+* ``add_normalize``: the residual add fused in, returning ``(out, sum, mean, var, invstd)``;
+* ``normalize_backward`` / ``add_normalize_backward``: the hand-derived backwards;
+* ``update_running_stats_``: a training batch folded into the running buffers in place, returning
+  whether it went in (a 0-dim bool tensor).
+
+Each op has a kernel for real tensors (:func:`normlab.kernels.select` picks the C++ or Triton
+kernel, or the plain-torch reference of :mod:`normlab.functional._normalize`), a fake kernel that
+computes shapes, strides and dtypes only (meta tensors, ``FakeTensorMode``, ``torch.compile``,
+``torch.export``), and autograd registered on the op. Only real tensors ever reach a kernel: a
+fake, meta or wrapper-subclass tensor is answered by the fake kernel or unwrapped by its own
+``__torch_dispatch__`` first.
+
+Double backward is exact: when a graph is being built through the backward
+(``create_graph=True``), the gradient is computed by the reference math from the inputs, with
+the statistics recomputed from them, so second derivatives see every path through the mean and
+the variance. Under ``torch.func`` transforms (vmap, grad, jacrev, jvp) and forward-mode AD the
+public functions run the reference math directly (plain aten ops, which every transform knows).
+
+Output conventions (what the fake kernels promise): ``out`` and ``grad_input`` have the strides
+``torch.empty_like(x)`` gives; statistics are contiguous in the compute dtype with the input's
+shape and size 1 along ``reduce_dims`` (with fixed statistics: ``param_shape``, and ``var`` is
+empty, since it would only copy the buffer); a gradient that was not asked for is an empty tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from normlab import kernels
+from normlab.functional import _normalize as ref
+from normlab.functional.moments import compute_dtype
+
+__all__ = ["add_normalize", "commit_flag", "normalize", "reference_math_active"]
+
+_NORM_ARGS = "int[] reduce_dims, int[] param_shape, bool center"
+
+
+@functools.lru_cache(maxsize=512)
+def _layout(reduce_dims: tuple[int, ...], param_shape: tuple[int, ...],
+            center: bool) -> ref.Layout:
+    return ref.Layout(reduce_dims, param_shape, center)
+
+
+def _layout_of(reduce_dims: Sequence[int], param_shape: Sequence[int], center: bool) -> ref.Layout:
+    return _layout(tuple(reduce_dims), tuple(param_shape), center)
+
+
+def _plain_kind(kind: str, activation: str | None) -> str:
+    """A norm + activation kind without an activation is the plain norm (its kernels take no
+    activation argument)."""
+    return kind[:-4] if activation is None and kind.endswith("_act") else kind
+
+
+def _stats_shape(x: Tensor, reduce_dims: Sequence[int]) -> list[int]:
+    shape = list(x.shape)
+    for d in reduce_dims:
+        shape[d] = 1
+    return shape
+
+
+def _empty(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The stand-in for an output that is not there (a gradient nobody asked for, the variance of
+    fixed statistics): schemas return tensors, never None."""
+    return x.new_empty((0,), dtype=dtype)
+
+
+def _like_input(x: Tensor, out: Tensor) -> Tensor:
+    """`out` with the strides ``torch.empty_like(x)`` has (what the fake kernels promise); a copy
+    only where a kernel wrote another layout (the row kernels write contiguous rows)."""
+    if out.stride() == x.stride():
+        return out
+    target = torch.empty_like(x, dtype=out.dtype)
+    return out if target.stride() == out.stride() else target.copy_(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# normalize
+
+
+@torch.library.custom_op(
+    "normlab::normalize", mutates_args=(),
+    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
+           "Tensor? fixed_mean, Tensor? fixed_var, str? activation, str kind) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dims: list[int],
+               param_shape: list[int], center: bool, eps: float, fixed_mean: Tensor | None,
+               fixed_var: Tensor | None, activation: str | None,
+               kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    stats = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
+    kind = _plain_kind(kind, activation)
+    if activation is None:
+        kernel = kernels.select(kind, x, ref.REFERENCE)
+        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
+    else:
+        kernel = kernels.select(kind, x, ref.NORM_ACT_REFERENCE)
+        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
+    out = _like_input(x, out)
+    if stats is not None:
+        # Outputs never alias inputs: the mean is copied out of the running buffer (its
+        # backward reads it, and the buffer may move on), the variance is not returned.
+        return (out, mean.reshape(layout.param_shape).clone(), _empty(x, mean.dtype),
+                invstd.reshape(layout.param_shape))
+    mean, var, invstd = mean.contiguous(), var.contiguous(), invstd.contiguous()
+    return out, mean, _distinct(mean, var), _distinct(mean, invstd)
+
+
+@_normalize.register_fake
+def _normalize_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
+                    fixed_mean: Tensor | None, fixed_var: Tensor | None, activation: str | None,
+                    kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    cdtype = compute_dtype(x.dtype)
+    out = torch.empty_like(x)
+    if fixed_mean is not None:
+        stat = x.new_empty(param_shape, dtype=cdtype)
+        return out, stat, _empty(x, cdtype), torch.empty_like(stat)
+    shape = _stats_shape(x, reduce_dims)
+    return (out, x.new_empty(shape, dtype=cdtype), x.new_empty(shape, dtype=cdtype),
+            x.new_empty(shape, dtype=cdtype))
+
+
+def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, weight, bias, reduce_dims, param_shape, center, eps, fixed_mean, _fv, activation, kind = \
+        inputs
+    _out, mean, var, invstd = output
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.args = (reduce_dims, param_shape, center, eps, activation, kind, fixed_mean is None)
+    ctx.mark_non_differentiable(mean, var, invstd)
+    # No zero-filled gradients for the statistics (three allocations and fills per backward).
+    ctx.set_materialize_grads(False)
+
+
+def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[Any, ...]:
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    reduce_dims, param_shape, center, eps, activation, kind, batch_stats = ctx.args
+    needs = tuple(ctx.needs_input_grad[:3])
+    none8 = (None,) * 8
+    if grad_out is None:
+        return (None, None, None, *none8)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        layout = _layout_of(reduce_dims, param_shape, center)
+        fixed = None if batch_stats else (mean, invstd)
+        grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
+            x, w, b, layout, eps, fixed, activation))
+        return (*grads, *none8)
+    grad_input, grad_weight, grad_bias = torch.ops.normlab.normalize_backward(
+        grad_out, x, weight, bias, mean, invstd, reduce_dims, param_shape, center, batch_stats,
+        needs, activation, kind)
+    return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
+            grad_bias if needs[2] else None, *none8)
+
+
+_normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup)
+
+
+@torch.library.custom_op(
+    "normlab::normalize_backward", mutates_args=(),
+    schema=f"(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+           f"Tensor invstd, {_NORM_ARGS}, bool batch_stats, bool[] output_mask, str? activation, "
+           "str kind) -> (Tensor, Tensor, Tensor)",
+)
+def _normalize_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor | None,
+                           bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                           reduce_dims: list[int], param_shape: list[int], center: bool,
+                           batch_stats: bool, output_mask: list[bool], activation: str | None,
+                           kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    needs = (output_mask[0], output_mask[1], output_mask[2])
+    grad_out = kernels.like(x, grad_out)
+    kind = _plain_kind(kind, activation)
+    if activation is None:
+        kernel = kernels.select(kind, x, ref.REFERENCE)
+        gi, gw, gb = kernel.backward(grad_out, x, weight, mean, invstd, layout, batch_stats, needs)
+    else:
+        kernel = kernels.select(kind, x, ref.NORM_ACT_REFERENCE)
+        gi, gw, gb = kernel.backward(grad_out, x, weight, bias, mean, invstd, layout,
+                                     batch_stats, needs, activation)
+    return _grads_out(x, weight, bias, gi, gw, gb, needs)
+
+
+def _grads_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, gi: Tensor | None,
+               gw: Tensor | None, gb: Tensor | None,
+               needs: tuple[bool, bool, bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel gradients in the schema's form: the input's layout and the parameters' shapes and
+    dtypes, empty where not asked for."""
+    gi = _like_input(x, gi) if needs[0] and gi is not None else _empty(x)
+    gw = (kernels.as_param_grad(gw, weight.shape, weight.dtype)
+          if needs[1] and weight is not None and gw is not None else _empty(x))
+    gb = (kernels.as_param_grad(gb, bias.shape, bias.dtype)
+          if needs[2] and bias is not None and gb is not None else _empty(x))
+    return gi, gw, _distinct(gw, gb)
+
+
+def _distinct(a: Tensor, b: Tensor) -> Tensor:
+    """`b`, copied if it is a view of the same buffer as `a` (kernels sum two parameter gradients
+    in one launch; the outputs of an op may not alias each other)."""
+    if b._base is not None and b._base is a._base:
+        return b.clone()
+    return b
+
+
+def _grads_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                output_mask: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    gi = torch.empty_like(x) if output_mask[0] else _empty(x)
+    gw = torch.empty_like(weight) if output_mask[1] and weight is not None else _empty(x)
+    gb = torch.empty_like(bias) if output_mask[2] and bias is not None else _empty(x)
+    return gi, gw, gb
+
+
+@_normalize_backward_op.register_fake
+def _normalize_backward_fake(grad_out: Tensor, x: Tensor, weight: Tensor | None,
+                             bias: Tensor | None, mean: Tensor, invstd: Tensor,
+                             reduce_dims: list[int], param_shape: list[int], center: bool,
+                             batch_stats: bool, output_mask: list[bool], activation: str | None,
+                             kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _grads_fake(x, weight, bias, output_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# add_normalize
+
+
+@torch.library.custom_op(
+    "normlab::add_normalize", mutates_args=(),
+    schema=f"(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
+           "str? activation, str kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
+                   activation: str | None, kind: str) -> tuple[Tensor, ...]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    kernel = kernels.select(kind, x, ref.ADD_NORM_REFERENCE)
+    out, s, mean, var, invstd = kernel.forward(x, residual, weight, bias, layout, eps, activation)
+    return (_like_input(x, out), _like_input(x, s), mean.contiguous(), var.contiguous(),
+            invstd.contiguous())
+
+
+@_add_normalize.register_fake
+def _add_normalize_fake(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                        reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
+                        activation: str | None, kind: str) -> tuple[Tensor, ...]:
+    cdtype = compute_dtype(x.dtype)
+    shape = _stats_shape(x, reduce_dims)
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(shape, dtype=cdtype),
+            x.new_empty(shape, dtype=cdtype), x.new_empty(shape, dtype=cdtype))
+
+
+def _add_normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    _x, _r, weight, bias, reduce_dims, param_shape, center, eps, activation, kind = inputs
+    _out, s, mean, var, invstd = output
+    ctx.save_for_backward(s, weight, bias, mean, invstd)
+    ctx.args = (reduce_dims, param_shape, center, eps, activation, kind)
+    ctx.mark_non_differentiable(mean, var, invstd)
+    ctx.set_materialize_grads(False)
+
+
+def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor | None,
+                            *_stat_grads: Any) -> tuple[Any, ...]:
+    s, weight, bias, mean, invstd = ctx.saved_tensors
+    reduce_dims, param_shape, center, eps, activation, kind = ctx.args
+    n = ctx.needs_input_grad
+    needs = (n[0] or n[1], n[2], n[3])
+    none6 = (None,) * 6
+    if grad_out is None and grad_sum is None:
+        return (None,) * 10
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference from the sum
+        layout = _layout_of(reduce_dims, param_shape, center)
+        if grad_out is None:
+            gs, gw, gb = grad_sum, None, None
+        else:
+            gs, gw, gb = _reference_grads(grad_out, (s, weight, bias), needs, lambda s, w, b: (
+                _ref_out(s, w, b, layout, eps, None, activation)))
+            if gs is not None and grad_sum is not None:
+                gs = gs + grad_sum
+    else:
+        gs, gw, gb = torch.ops.normlab.add_normalize_backward(
+            grad_out, grad_sum, s, weight, bias, mean, invstd, reduce_dims, param_shape, center,
+            needs, activation, kind)
+        gw, gb = (gw if needs[1] else None), (gb if needs[2] else None)
+    return (gs if n[0] else None, gs if n[1] else None, gw, gb, *none6)
+
+
+_add_normalize.register_autograd(_add_normalize_backward, setup_context=_add_normalize_setup)
+
+
+@torch.library.custom_op(
+    "normlab::add_normalize_backward", mutates_args=(),
+    schema=f"(Tensor? grad_out, Tensor? grad_sum, Tensor s, Tensor? weight, Tensor? bias, "
+           f"Tensor mean, Tensor invstd, {_NORM_ARGS}, bool[] output_mask, str? activation, "
+           "str kind) -> (Tensor, Tensor, Tensor)",
+)
+def _add_normalize_backward_op(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+                               weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                               invstd: Tensor, reduce_dims: list[int], param_shape: list[int],
+                               center: bool, output_mask: list[bool], activation: str | None,
+                               kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    needs = (output_mask[0], output_mask[1], output_mask[2])
+    if grad_out is not None:
+        grad_out = grad_out.contiguous()
+    if grad_sum is not None:
+        grad_sum = grad_sum.contiguous()
+    kernel = kernels.select(kind, s, ref.ADD_NORM_REFERENCE)
+    gs, gw, gb = kernel.backward(grad_out, grad_sum, s, weight, bias, mean, invstd, layout,
+                                 needs, activation)
+    return _grads_out(s, weight, bias, gs, gw, gb, needs)
+
+
+@_add_normalize_backward_op.register_fake
+def _add_normalize_backward_fake(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+                                 weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                                 invstd: Tensor, reduce_dims: list[int], param_shape: list[int],
+                                 center: bool, output_mask: list[bool], activation: str | None,
+                                 kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _grads_fake(s, weight, bias, output_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# update_running_stats_
+
+
+@torch.library.custom_op(
+    "normlab::update_running_stats_", mutates_args=("running_mean", "running_var"),
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+           "int count, float momentum, bool check) -> Tensor",
+)
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                          count: int, momentum: float, check: bool) -> Tensor:
+    if check and not mean.is_cpu:
+        # No read-back on a device: the finiteness flag selects the update there.
+        return ref.update_running_stats_masked(running_mean, running_var, mean, var, count,
+                                               momentum)
+    kernel = kernels.select("running_stats", mean, ref.RUNNING_STATS_REFERENCE)
+    committed = kernel.forward(running_mean, running_var, mean, var, count, momentum, check)
+    return torch.full((), bool(committed), dtype=torch.bool, device=mean.device)
+
+
+@_update_running_stats.register_fake
+def _update_running_stats_fake(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                               var: Tensor, count: int, momentum: float, check: bool) -> Tensor:
+    return mean.new_empty((), dtype=torch.bool)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference math as a differentiable function of the inputs (double backward, transforms).
+
+
+def _ref_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
+             eps: float, fixed: tuple[Tensor, Tensor] | None, activation: str | None) -> Tensor:
+    """The forward output as plain differentiable ops, statistics recomputed from `x` (or the
+    fixed ``(mean, invstd)`` held constant)."""
+    if fixed is None:
+        return ref.norm_act_forward(x, weight, bias, layout, eps, None, activation)[0]
+    mean, invstd = fixed
+    cdtype = mean.dtype
+    xc = x.to(cdtype)
+    z = (xc - mean) * invstd if layout.center else xc * invstd
+    if weight is not None:
+        z = z * weight.to(cdtype).view(layout.param_shape)
+    if bias is not None:
+        z = z + bias.to(cdtype).view(layout.param_shape)
+    return ref.activate(z, activation).to(x.dtype)
+
+
+def _reference_grads(grad_out: Tensor, inputs: tuple[Tensor | None, ...],
+                     needs: Sequence[bool], forward: Any) -> list[Tensor | None]:
+    """Gradients of ``forward(*inputs)`` against `grad_out`, with a graph (create_graph)."""
+    with torch.enable_grad():
+        out = forward(*inputs)
+    wanted = [t for t, n in zip(inputs, needs) if n and t is not None]
+    result = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                      allow_unused=True))
+    return [next(result) if n and t is not None else None for t, n in zip(inputs, needs)]
+
+
+# ------------------------------------------------------------------------------------------------
+# The calls the public functions make.
+
+
+def reference_math_active() -> bool:
+    """Whether a call must run the reference math instead of the ops: inside a ``torch.func``
+    transform or with a forward-mode AD level active (the ops register no vmap or jvp rule; the
+    aten ops of the reference have them all). Never while dynamo traces (it sees the op)."""
+    if torch.compiler.is_compiling():
+        return False
+    # Private attributes (no public query exists); if one goes away, keep the op path.
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: ref.Layout,
+              eps: float, stats: tuple[Tensor, Tensor] | None = None,
+              activation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The normalize op (differentiable in `x`, `weight`, `bias`); returns ``(out, mean, var)``
+    with the statistics detached (``var`` empty for fixed statistics)."""
+    if reference_math_active():
+        out, mean, var, _invstd = ref.norm_act_forward(x, weight, bias, layout, eps, stats,
+                                                       activation)
+        return out, mean.detach(), var.detach()
+    fixed_mean, fixed_var = (None, None) if stats is None else stats
+    out, mean, var, _invstd = torch.ops.normlab.normalize(
+        x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps, fixed_mean,
+        fixed_var, activation, op)
+    return out, mean, var
+
+
+def add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  op: str, layout: ref.Layout, eps: float,
+                  activation: str | None = None) -> tuple[Tensor, Tensor]:
+    """The add_normalize op: ``(activation(norm(x + residual)), x + residual)``."""
+    if reference_math_active():
+        out, s, *_ = ref.add_norm_forward(x, residual, weight, bias, layout, eps, activation)
+        return out, s
+    out, s, *_ = torch.ops.normlab.add_normalize(
+        x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
+        activation, op)
+    return out, s
+
+
+def commit_flag(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                count: int, momentum: float, check: bool) -> Tensor:
+    """The update_running_stats_ op: whether the batch went in, as a 0-dim bool tensor."""
+    if reference_math_active():
+        committed = ref.update_running_stats(running_mean, running_var, mean, var, count,
+                                             momentum, check)
+        return torch.tensor(committed)
+    return torch.ops.normlab.update_running_stats_(running_mean, running_var, mean, var, count,
+                                                   float(momentum), check)
