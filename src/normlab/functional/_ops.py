@@ -360,13 +360,29 @@ def _update_running_stats_fake(running_mean: Tensor, running_var: Tensor, mean: 
 # The reference math as a differentiable function of the inputs (double backward, transforms).
 
 
+def _pure_statistics(x: Tensor, layout: ref.Layout,
+                     eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, invstd) of `x` over the layout's dims, in out-of-place ops only (the form
+    decompositions and a graph through the backward need)."""
+    xc = x.to(compute_dtype(x.dtype))
+    dims = list(layout.reduce_dims)
+    if layout.center:
+        mean = xc.mean(dims, keepdim=True)
+        var = (xc - mean).pow(2).mean(dims, keepdim=True)
+    else:
+        var = xc.pow(2).mean(dims, keepdim=True)
+        mean = torch.zeros_like(var)
+    return mean, var, (var + eps).rsqrt()
+
+
 def _ref_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
              eps: float, fixed: tuple[Tensor, Tensor] | None, activation: str | None) -> Tensor:
-    """The forward output as plain differentiable ops, statistics recomputed from `x` (or the
-    fixed ``(mean, invstd)`` held constant)."""
+    """The forward output as plain differentiable, out-of-place ops: statistics recomputed from
+    `x`, or the fixed ``(mean, invstd)`` held constant."""
     if fixed is None:
-        return ref.norm_act_forward(x, weight, bias, layout, eps, None, activation)[0]
-    mean, invstd = fixed
+        mean, _var, invstd = _pure_statistics(x, layout, eps)
+    else:
+        mean, invstd = fixed
     cdtype = mean.dtype
     xc = x.to(cdtype)
     z = (xc - mean) * invstd if layout.center else xc * invstd
@@ -442,3 +458,71 @@ def commit_flag(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Te
         return torch.tensor(committed)
     return torch.ops.normlab.update_running_stats_(running_mean, running_var, mean, var, count,
                                                    float(momentum), check)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decompositions into aten ops, for exporters that lower a graph to a fixed operator set (ONNX):
+# the norms become torch's standard norm ops, which the ONNX exporter writes as
+# LayerNormalization, GroupNormalization, BatchNormalization, InstanceNormalization and
+# RMSNormalization; everything else is the reference math. torch.compile and torch.export keep the
+# normlab ops (their decomposition tables do not include these).
+
+
+def _standard_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   layout: ref.Layout, eps: float, fixed: tuple[Tensor, Tensor] | None,
+                   kind: str) -> Tensor | None:
+    """The output as one of torch's norm ops where `kind` and `layout` are one, else None."""
+    aten = torch.ops.aten
+    nd, k = x.dim(), len(layout.param_shape)
+    trailing = fixed is None and layout.reduce_dims == tuple(range(nd - k, nd))
+    base = kind.removesuffix("_act")
+    if base in ("layer_norm", "add_layer_norm") and trailing and layout.center:
+        return aten.layer_norm.default(x, list(layout.param_shape), weight, bias, eps)
+    if base in ("rms_norm", "add_rms_norm") and trailing and not layout.center:
+        return aten.rms_norm.default(x, list(layout.param_shape), weight, eps)
+    if base == "group_norm" and fixed is None and nd >= 3:
+        groups = x.shape[1]
+        out = aten.group_norm.default(x.flatten(1, 2), groups, weight, bias, eps)
+        return out.unflatten(1, (groups, x.shape[2]))
+    if base == "batch_norm" and fixed is not None:
+        return aten.batch_norm.default(x, weight, bias, fixed[0], fixed[1], False, 0.0, eps,
+                                       False)
+    if base == "instance_norm" and fixed is None:
+        return aten.instance_norm.default(x, weight, bias, None, None, True, 0.0, eps, False)
+    return None
+
+
+def _statistics(x: Tensor, layout: ref.Layout, eps: float,
+                fixed: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, var, invstd) as the op returns them, in out-of-place ops."""
+    if fixed is None:
+        return _pure_statistics(x, layout, eps)
+    cdtype = compute_dtype(x.dtype)
+    mean, var = (s.to(cdtype).reshape(layout.param_shape) for s in fixed)
+    return mean.clone(), _empty(x, cdtype), (var + eps).rsqrt()
+
+
+@torch._decomp.register_decomposition(torch.ops.normlab.normalize.default)
+def _normalize_decomposition(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                             reduce_dims: list[int], param_shape: list[int], center: bool,
+                             eps: float, fixed_mean: Tensor | None, fixed_var: Tensor | None,
+                             activation: str | None,
+                             kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    fixed = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
+    mean, var, invstd = _statistics(x, layout, eps, fixed)
+    out = _standard_norm(x, weight, bias, layout, eps, fixed, kind)
+    if out is None:
+        return _ref_out(x, weight, bias, layout, eps, (mean, invstd), activation), mean, var, invstd
+    return ref.activate(out, activation), mean, var, invstd
+
+
+@torch._decomp.register_decomposition(torch.ops.normlab.add_normalize.default)
+def _add_normalize_decomposition(x: Tensor, residual: Tensor, weight: Tensor | None,
+                                 bias: Tensor | None, reduce_dims: list[int],
+                                 param_shape: list[int], center: bool, eps: float,
+                                 activation: str | None, kind: str) -> tuple[Tensor, ...]:
+    s = x + residual
+    out, mean, var, invstd = _normalize_decomposition(
+        s, weight, bias, reduce_dims, param_shape, center, eps, None, None, activation, kind)
+    return out, s, mean, var, invstd

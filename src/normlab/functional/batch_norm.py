@@ -105,7 +105,8 @@ def _readable(flag: Tensor) -> bool:
     """Whether a commit flag can be read on the host now: a plain tensor with data, outside any
     tracer."""
     return (type(flag) is Tensor and not flag.is_meta and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing())
+            and not torch.jit.is_tracing()
+            and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None)
 
 
 def count_batch(num_batches_tracked: Tensor | None, committed: bool | Tensor) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor
 from normlab.functional import _validate as v
 from normlab.functional._ops import normalize
 from normlab.functional.batch_norm import (
+    _readable,
     batch_norm_layout,
     check_values_per_channel,
     commit_running_stats,
@@ -135,6 +136,25 @@ class _BatchRenorm(_BatchNorm):
         self.d_max_ramp_steps = d_max_ramp_steps
         self.schedule = schedule
 
+    def _step_limits(self) -> tuple[float, float] | tuple[Tensor, Tensor]:
+        """The limits for this training step: as Python floats where the step counter can be read,
+        else (torch.compile, torch.export, fake or meta buffers) the built-in schedule as tensor
+        ops on the counter, so tracing needs no value from it. A custom `schedule` takes a
+        Python step, so it reads the counter (a graph break under torch.compile)."""
+        counter = self.num_batches_tracked
+        if self.schedule is not None or _readable(counter):
+            return self.limits()
+        step = counter.to(torch.float32)
+        started = (step >= self.warmup_steps).to(torch.float32)
+
+        def ramp(length: int) -> Tensor:
+            if length <= 0:
+                return started
+            return ((step - self.warmup_steps) / length).clamp(0.0, 1.0) * started
+
+        r_max = 1.0 + (self.r_max - 1.0) * ramp(self.r_max_ramp_steps)
+        return r_max, self.d_max * ramp(self.d_max_ramp_steps)
+
     def limits(self, step: int | None = None) -> tuple[float, float]:
         """``(r_max, d_max)`` at `step` (default: the next training step, num_batches_tracked)."""
         if step is None:
@@ -157,7 +177,7 @@ class _BatchRenorm(_BatchNorm):
         for pname in ("weight", "bias", "running_mean", "running_var"):
             v.check_param(name, pname, getattr(self, pname), input, (self.num_features,))
         count = check_values_per_channel(name, input)
-        r_max, d_max = self.limits()
+        r_max, d_max = self._step_limits()
         momentum = self._next_momentum()
         layout = batch_norm_layout(input.dim(), self.num_features)
         with torch.no_grad():
@@ -166,8 +186,8 @@ class _BatchRenorm(_BatchNorm):
             mean, var = moments(input, layout.reduce_dims)
             mean, var = mean.reshape(-1), var.reshape(-1)
             run_std = (self.running_var.to(var.dtype) + self.eps).sqrt()
-            r = ((var + self.eps).sqrt() / run_std).clamp_(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.to(mean.dtype)) / run_std).clamp_(-d_max, d_max)
+            r = torch.clamp((var + self.eps).sqrt() / run_std, 1.0 / r_max, r_max)
+            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / run_std, -d_max, d_max)
         weight, bias = self.weight, self.bias
         pdtype = weight.dtype if weight is not None else r.dtype
         r, d = r.to(pdtype), d.to(pdtype)
