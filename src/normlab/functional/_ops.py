@@ -90,13 +90,7 @@ def _like_input(x: Tensor, out: Tensor) -> Tensor:
 # normalize
 
 
-@torch.library.custom_op(
-    "normlab::normalize", mutates_args=(),
-    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
-           "Tensor? fixed_mean, Tensor? fixed_var, str? activation, str kind) "
-           "-> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dims: list[int],
+def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dims: list[int],
                param_shape: list[int], center: bool, eps: float, fixed_mean: Tensor | None,
                fixed_var: Tensor | None, activation: str | None,
                kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -119,6 +113,14 @@ def _normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dim
     return out, mean, _distinct(mean, var), _distinct(mean, invstd)
 
 
+_normalize = torch.library.custom_op(
+    "normlab::normalize", mutates_args=(),
+    schema=f"(Tensor x, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
+           "Tensor? fixed_mean, Tensor? fixed_var, str? activation, str kind) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
+)(_normalize_impl)
+
+
 @_normalize.register_fake
 def _normalize_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                     reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
@@ -134,15 +136,18 @@ def _normalize_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             x.new_empty(shape, dtype=cdtype))
 
 
-def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...],
+                     outputs_are_stats: bool = True) -> None:
     x, weight, bias, reduce_dims, param_shape, center, eps, fixed_mean, _fv, activation, kind = \
         inputs
     _out, mean, var, invstd = output
     ctx.save_for_backward(x, weight, bias, mean, invstd)
     ctx.args = (reduce_dims, param_shape, center, eps, activation, kind, fixed_mean is None)
-    ctx.mark_non_differentiable(mean, var, invstd)
+    if outputs_are_stats:
+        ctx.mark_non_differentiable(mean, var, invstd)
     # No zero-filled gradients for the statistics (three allocations and fills per backward).
     ctx.set_materialize_grads(False)
+    ctx.eager = False
 
 
 def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[Any, ...]:
@@ -158,7 +163,8 @@ def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[
         grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
             x, w, b, layout, eps, fixed, activation))
         return (*grads, *none8)
-    grad_input, grad_weight, grad_bias = torch.ops.normlab.normalize_backward(
+    backward = _normalize_backward_op_impl if ctx.eager else torch.ops.normlab.normalize_backward
+    grad_input, grad_weight, grad_bias = backward(
         grad_out, x, weight, bias, mean, invstd, reduce_dims, param_shape, center, batch_stats,
         needs, activation, kind)
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
@@ -168,13 +174,7 @@ def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[
 _normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup)
 
 
-@torch.library.custom_op(
-    "normlab::normalize_backward", mutates_args=(),
-    schema=f"(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
-           f"Tensor invstd, {_NORM_ARGS}, bool batch_stats, bool[] output_mask, str? activation, "
-           "str kind) -> (Tensor, Tensor, Tensor)",
-)
-def _normalize_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor | None,
+def _normalize_backward_op_impl(grad_out: Tensor, x: Tensor, weight: Tensor | None,
                            bias: Tensor | None, mean: Tensor, invstd: Tensor,
                            reduce_dims: list[int], param_shape: list[int], center: bool,
                            batch_stats: bool, output_mask: list[bool], activation: str | None,
@@ -191,6 +191,14 @@ def _normalize_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor | None,
         gi, gw, gb = kernel.backward(grad_out, x, weight, bias, mean, invstd, layout,
                                      batch_stats, needs, activation)
     return _grads_out(x, weight, bias, gi, gw, gb, needs)
+
+
+_normalize_backward_op = torch.library.custom_op(
+    "normlab::normalize_backward", mutates_args=(),
+    schema=f"(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+           f"Tensor invstd, {_NORM_ARGS}, bool batch_stats, bool[] output_mask, str? activation, "
+           "str kind) -> (Tensor, Tensor, Tensor)",
+)(_normalize_backward_op_impl)
 
 
 def _grads_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, gi: Tensor | None,
@@ -235,12 +243,7 @@ def _normalize_backward_fake(grad_out: Tensor, x: Tensor, weight: Tensor | None,
 # add_normalize
 
 
-@torch.library.custom_op(
-    "normlab::add_normalize", mutates_args=(),
-    schema=f"(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
-           "str? activation, str kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-)
-def _add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+def _add_normalize_impl(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
                    reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
                    activation: str | None, kind: str) -> tuple[Tensor, ...]:
     layout = _layout_of(reduce_dims, param_shape, center)
@@ -248,6 +251,13 @@ def _add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Ten
     out, s, mean, var, invstd = kernel.forward(x, residual, weight, bias, layout, eps, activation)
     return (_like_input(x, out), _like_input(x, s), mean.contiguous(), var.contiguous(),
             invstd.contiguous())
+
+
+_add_normalize = torch.library.custom_op(
+    "normlab::add_normalize", mutates_args=(),
+    schema=f"(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, {_NORM_ARGS}, float eps, "
+           "str? activation, str kind) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)(_add_normalize_impl)
 
 
 @_add_normalize.register_fake
@@ -267,6 +277,7 @@ def _add_normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor
     ctx.args = (reduce_dims, param_shape, center, eps, activation, kind)
     ctx.mark_non_differentiable(mean, var, invstd)
     ctx.set_materialize_grads(False)
+    ctx.eager = False
 
 
 def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor | None,
@@ -288,7 +299,9 @@ def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor 
             if gs is not None and grad_sum is not None:
                 gs = gs + grad_sum
     else:
-        gs, gw, gb = torch.ops.normlab.add_normalize_backward(
+        backward = (_add_normalize_backward_op_impl if ctx.eager
+                    else torch.ops.normlab.add_normalize_backward)
+        gs, gw, gb = backward(
             grad_out, grad_sum, s, weight, bias, mean, invstd, reduce_dims, param_shape, center,
             needs, activation, kind)
         gw, gb = (gw if needs[1] else None), (gb if needs[2] else None)
@@ -298,13 +311,7 @@ def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor 
 _add_normalize.register_autograd(_add_normalize_backward, setup_context=_add_normalize_setup)
 
 
-@torch.library.custom_op(
-    "normlab::add_normalize_backward", mutates_args=(),
-    schema=f"(Tensor? grad_out, Tensor? grad_sum, Tensor s, Tensor? weight, Tensor? bias, "
-           f"Tensor mean, Tensor invstd, {_NORM_ARGS}, bool[] output_mask, str? activation, "
-           "str kind) -> (Tensor, Tensor, Tensor)",
-)
-def _add_normalize_backward_op(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+def _add_normalize_backward_op_impl(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
                                weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                                invstd: Tensor, reduce_dims: list[int], param_shape: list[int],
                                center: bool, output_mask: list[bool], activation: str | None,
@@ -321,6 +328,14 @@ def _add_normalize_backward_op(grad_out: Tensor | None, grad_sum: Tensor | None,
     return _grads_out(s, weight, bias, gs, gw, gb, needs)
 
 
+_add_normalize_backward_op = torch.library.custom_op(
+    "normlab::add_normalize_backward", mutates_args=(),
+    schema=f"(Tensor? grad_out, Tensor? grad_sum, Tensor s, Tensor? weight, Tensor? bias, "
+           f"Tensor mean, Tensor invstd, {_NORM_ARGS}, bool[] output_mask, str? activation, "
+           "str kind) -> (Tensor, Tensor, Tensor)",
+)(_add_normalize_backward_op_impl)
+
+
 @_add_normalize_backward_op.register_fake
 def _add_normalize_backward_fake(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
                                  weight: Tensor | None, bias: Tensor | None, mean: Tensor,
@@ -334,12 +349,7 @@ def _add_normalize_backward_fake(grad_out: Tensor | None, grad_sum: Tensor | Non
 # update_running_stats_
 
 
-@torch.library.custom_op(
-    "normlab::update_running_stats_", mutates_args=("running_mean", "running_var"),
-    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-           "int count, float momentum, bool check) -> Tensor",
-)
-def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                           count: int, momentum: float, check: bool) -> Tensor:
     if check and not mean.is_cpu:
         # No read-back on a device: the finiteness flag selects the update there.
@@ -348,6 +358,13 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tenso
     kernel = kernels.select("running_stats", mean, ref.RUNNING_STATS_REFERENCE)
     committed = kernel.forward(running_mean, running_var, mean, var, count, momentum, check)
     return torch.full((), bool(committed), dtype=torch.bool, device=mean.device)
+
+
+_update_running_stats = torch.library.custom_op(
+    "normlab::update_running_stats_", mutates_args=("running_mean", "running_var"),
+    schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
+           "int count, float momentum, bool check) -> Tensor",
+)(_update_running_stats_impl)
 
 
 @_update_running_stats.register_fake
@@ -420,6 +437,65 @@ def reference_math_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors: Tensor | None) -> bool:
+    """Whether a call may run the ops' kernels and autograd directly, without the dispatcher
+    round trip (tens of microseconds from Python per call, more than a small normalization):
+    plain tensors with data, no tracer, no dispatch mode. Anything else (torch.compile,
+    torch.export, jit.trace, fake/meta tensors, subclasses, a TorchDispatchMode) takes the
+    ``torch.ops.normlab`` op, which is the same code behind the dispatcher."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
+            torch._C._len_torch_dispatch_stack():
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
+
+
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+class _EagerNormalize(torch.autograd.Function):
+    """The normalize op's kernel and autograd (the same functions the op registers), bound
+    without the dispatcher for eager calls. One output: the statistics leave through
+    `stats_out` (each extra output of an autograd function, and marking it non-differentiable,
+    costs host time on every call); ctx in forward rather than a setup_context, whose argument
+    binding costs ~20 us a call (inspect.signature)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
+        # stats_out last, so that needs_input_grad lines up with the op's arguments
+        *inputs, stats_out = inputs
+        output = _normalize_impl(*inputs)
+        _normalize_setup(ctx, inputs, output, outputs_are_stats=False)
+        ctx.eager = True
+        stats_out += output[1:]
+        return output[0]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (*_normalize_backward(ctx, grad_out), None)
+
+
+class _EagerAddNormalize(torch.autograd.Function):
+    """As :class:`_EagerNormalize`, for add_normalize."""
+
+    # ctx in forward, not a separate setup_context: binding the arguments of one costs ~20 us
+    # a call (inspect.signature).
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        output = _add_normalize_impl(*inputs)
+        _add_normalize_setup(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    backward = staticmethod(_add_normalize_backward)  # type: ignore[assignment]
+
+
 def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: ref.Layout,
               eps: float, stats: tuple[Tensor, Tensor] | None = None,
               activation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -430,9 +506,16 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, la
                                                        activation)
         return out, mean.detach(), var.detach()
     fixed_mean, fixed_var = (None, None) if stats is None else stats
-    out, mean, var, _invstd = torch.ops.normlab.normalize(
-        x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps, fixed_mean,
-        fixed_var, activation, op)
+    args = (x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
+            fixed_mean, fixed_var, activation, op)
+    if not _eager(x, weight, bias, fixed_mean, fixed_var):
+        out, mean, var, _invstd = torch.ops.normlab.normalize(*args)
+    elif _needs_graph(x, weight, bias):
+        stats_out: list[Tensor] = []
+        out = _EagerNormalize.apply(*args, stats_out)
+        mean, var = stats_out[0], stats_out[1]
+    else:
+        out, mean, var, _invstd = _normalize_impl(*args)
     return out, mean, var
 
 
@@ -443,19 +526,27 @@ def add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tens
     if reference_math_active():
         out, s, *_ = ref.add_norm_forward(x, residual, weight, bias, layout, eps, activation)
         return out, s
-    out, s, *_ = torch.ops.normlab.add_normalize(
-        x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
-        activation, op)
+    args = (x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center,
+            eps, activation, op)
+    if not _eager(x, residual, weight, bias):
+        out, s, *_ = torch.ops.normlab.add_normalize(*args)
+    elif _needs_graph(x, residual, weight, bias):
+        out, s, *_ = _EagerAddNormalize.apply(*args)
+    else:
+        out, s, *_ = _add_normalize_impl(*args)
     return out, s
 
 
 def commit_flag(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                count: int, momentum: float, check: bool) -> Tensor:
-    """The update_running_stats_ op: whether the batch went in, as a 0-dim bool tensor."""
+                count: int, momentum: float, check: bool) -> bool | Tensor:
+    """The update_running_stats_ op: whether the batch went in, a Python bool on the eager CPU
+    path (no tensor to make and read back), else a 0-dim bool tensor."""
     if reference_math_active():
-        committed = ref.update_running_stats(running_mean, running_var, mean, var, count,
-                                             momentum, check)
-        return torch.tensor(committed)
+        return ref.update_running_stats(running_mean, running_var, mean, var, count, momentum,
+                                        check)
+    if mean.is_cpu and _eager(running_mean, running_var, mean, var):
+        kernel = kernels.select("running_stats", mean, ref.RUNNING_STATS_REFERENCE)
+        return bool(kernel.forward(running_mean, running_var, mean, var, count, momentum, check))
     return torch.ops.normlab.update_running_stats_(running_mean, running_var, mean, var, count,
                                                    float(momentum), check)
 
@@ -473,6 +564,9 @@ def _standard_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                    kind: str) -> Tensor | None:
     """The output as one of torch's norm ops where `kind` and `layout` are one, else None."""
     aten = torch.ops.aten
+    given = [t for t in (weight, bias, *(fixed or ())) if t is not None]
+    if any(t.dtype != x.dtype for t in given):
+        return None  # torch's norm ops want one dtype (normlab also takes float32 parameters)
     nd, k = x.dim(), len(layout.param_shape)
     trailing = fixed is None and layout.reduce_dims == tuple(range(nd - k, nd))
     base = kind.removesuffix("_act")

@@ -71,6 +71,8 @@ def commit_running_stats(
     """
     committed = _ops.commit_flag(running_mean, running_var, mean, var, count, momentum,
                                  on_nonfinite != "commit")
+    if isinstance(committed, bool):  # the eager CPU path
+        return _settle(op, committed, mean, var, on_nonfinite)
     if not _readable(committed):
         # Traced (torch.compile, export, jit) or fake/meta: nothing can be read back, and the op
         # already left the buffers alone for a non-finite batch; "error" becomes an assertion in
@@ -81,7 +83,13 @@ def commit_running_stats(
         return committed
     if on_nonfinite == "mask" and not mean.is_cpu:
         return committed  # stays on the device: no synchronization
-    if committed.item():
+    return _settle(op, bool(committed.item()), mean, var, on_nonfinite)
+
+
+def _settle(op: str, committed: bool, mean: Tensor, var: Tensor, on_nonfinite: str) -> bool:
+    """The policy's answer once the flag is on the host: True, or False with a warning ("skip")
+    or nothing ("mask"), or the error naming the channels ("error")."""
+    if committed:
         return True
     if on_nonfinite == "mask":
         return False
@@ -97,7 +105,7 @@ def commit_running_stats(
             message + ". Find the non-finite input, or pass on_nonfinite='skip' to "
             "drop such batches from the running statistics with a warning"
         )
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
     return False
 
 
