@@ -449,10 +449,7 @@ def _eager(*tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
             torch._C._len_torch_dispatch_stack():
         return False
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.is_meta):
-            return False
-    return True
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
 
 
 def _needs_graph(*tensors: Tensor | None) -> bool:
