@@ -484,3 +484,78 @@ def test_opacus_per_sample_gradients_equal_torch_and_dp_sgd_trains(name, grad_sa
         optimizer.step()
     assert torch.isfinite(loss)
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# What eager users already relied on keeps working beside the ops
+
+
+def test_autocast_bf16_trains_like_torch():
+    ours, oracle, x = _pair("LayerNorm", "train")
+    results = []
+    for m in (ours, oracle):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi)
+        out.float().square().sum().backward()
+        results.append((out.float(), xi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "BatchNorm2d", "FusedAddLayerNorm"])
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    from torch.utils.checkpoint import checkpoint
+
+    ours, _oracle, x = _pair(name, "eval")
+    plain_out, plain_grads = _step(ours, x)
+    xi = x.clone().requires_grad_()
+    out = checkpoint(ours, xi, use_reentrant=False)
+    grads = torch.autograd.grad(out.square().sum(), [xi, *ours.parameters()])
+    torch.testing.assert_close(out.detach(), plain_out)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_whole_model_save_and_load():
+    ours, oracle, x = _pair("BatchNormAct2d", "eval")
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), oracle(x), atol=1e-5, rtol=1e-4)
+
+
+def test_threads_share_a_model():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ours, oracle, x = _pair("GroupNorm", "eval")
+    inputs = [torch.randn_like(x) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda inp: _step(ours, inp), inputs))
+    for inp, (out, _grads) in zip(inputs, outs):
+        torch.testing.assert_close(out, oracle(inp).detach(), atol=1e-5, rtol=1e-4)
+
+
+def _ddp_worker(rank: int, world_size: int) -> list[torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    ours, _oracle, _x = _pair("BatchNorm2d", "train")
+    model = DistributedDataParallel(ours)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
+    model(x).square().sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_ddp_averages_gradients_across_processes():
+    from normlab.distributed import spawn
+
+    grads = spawn(_ddp_worker, 2, timeout=120)
+    for a, b in zip(*grads):  # DDP's all-reduce: every rank ends with the same gradients
+        torch.testing.assert_close(a, b)
+    ours, _oracle, _x = _pair("BatchNorm2d", "train")
+    for rank in range(2):  # and they are the mean of the per-rank gradients
+        x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(rank))
+        ours(x).square().sum().backward()
+    for g, p in zip(grads[0], ours.parameters()):
+        torch.testing.assert_close(g, p.grad / 2, atol=1e-5, rtol=1e-4)
