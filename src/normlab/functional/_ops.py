@@ -58,6 +58,18 @@ def _layout_of(reduce_dims: Sequence[int], param_shape: Sequence[int], center: b
     return _layout(tuple(reduce_dims), tuple(param_shape), center)
 
 
+def _run(kind: str, reference: kernels.Kernel, method: str, *args: Any,
+         select_on: Tensor | None = None) -> Any:
+    """`method` of the kernel :func:`normlab.kernels.select` picks for `kind` on `select_on`
+    (default: the first argument), or of `reference` where that kernel declines (returns None):
+    the one place the fallback happens."""
+    kernel = kernels.select(kind, args[0] if select_on is None else select_on, reference)
+    out = getattr(kernel, method)(*args)
+    if out is None and kernel is not reference:
+        out = getattr(reference, method)(*args)
+    return out
+
+
 def _plain_kind(kind: str, activation: str | None) -> str:
     """A norm + activation kind without an activation is the plain norm (its kernels take no
     activation argument)."""
@@ -98,11 +110,11 @@ def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduc
     stats = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
     kind = _plain_kind(kind, activation)
     if activation is None:
-        kernel = kernels.select(kind, x, ref.REFERENCE)
-        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats)
+        out, mean, var, invstd = _run(kind, ref.REFERENCE, "forward", x, weight, bias, layout,
+                                      eps, stats)
     else:
-        kernel = kernels.select(kind, x, ref.NORM_ACT_REFERENCE)
-        out, mean, var, invstd = kernel.forward(x, weight, bias, layout, eps, stats, activation)
+        out, mean, var, invstd = _run(kind, ref.NORM_ACT_REFERENCE, "forward", x, weight, bias,
+                                      layout, eps, stats, activation)
     out = _like_input(x, out)
     if stats is not None:
         # Outputs never alias inputs: the mean is copied out of the running buffer (its
@@ -184,12 +196,11 @@ def _normalize_backward_op_impl(grad_out: Tensor, x: Tensor, weight: Tensor | No
     grad_out = kernels.like(x, grad_out)
     kind = _plain_kind(kind, activation)
     if activation is None:
-        kernel = kernels.select(kind, x, ref.REFERENCE)
-        gi, gw, gb = kernel.backward(grad_out, x, weight, mean, invstd, layout, batch_stats, needs)
+        gi, gw, gb = _run(kind, ref.REFERENCE, "backward", grad_out, x, weight, mean, invstd,
+                          layout, batch_stats, needs, select_on=x)
     else:
-        kernel = kernels.select(kind, x, ref.NORM_ACT_REFERENCE)
-        gi, gw, gb = kernel.backward(grad_out, x, weight, bias, mean, invstd, layout,
-                                     batch_stats, needs, activation)
+        gi, gw, gb = _run(kind, ref.NORM_ACT_REFERENCE, "backward", grad_out, x, weight, bias,
+                          mean, invstd, layout, batch_stats, needs, activation, select_on=x)
     return _grads_out(x, weight, bias, gi, gw, gb, needs)
 
 
@@ -247,8 +258,8 @@ def _add_normalize_impl(x: Tensor, residual: Tensor, weight: Tensor | None, bias
                    reduce_dims: list[int], param_shape: list[int], center: bool, eps: float,
                    activation: str | None, kind: str) -> tuple[Tensor, ...]:
     layout = _layout_of(reduce_dims, param_shape, center)
-    kernel = kernels.select(kind, x, ref.ADD_NORM_REFERENCE)
-    out, s, mean, var, invstd = kernel.forward(x, residual, weight, bias, layout, eps, activation)
+    out, s, mean, var, invstd = _run(kind, ref.ADD_NORM_REFERENCE, "forward", x, residual,
+                                     weight, bias, layout, eps, activation)
     return (_like_input(x, out), _like_input(x, s), mean.contiguous(), var.contiguous(),
             invstd.contiguous())
 
@@ -322,9 +333,8 @@ def _add_normalize_backward_op_impl(grad_out: Tensor | None, grad_sum: Tensor | 
         grad_out = grad_out.contiguous()
     if grad_sum is not None:
         grad_sum = grad_sum.contiguous()
-    kernel = kernels.select(kind, s, ref.ADD_NORM_REFERENCE)
-    gs, gw, gb = kernel.backward(grad_out, grad_sum, s, weight, bias, mean, invstd, layout,
-                                 needs, activation)
+    gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward", grad_out, grad_sum, s, weight,
+                      bias, mean, invstd, layout, needs, activation, select_on=s)
     return _grads_out(s, weight, bias, gs, gw, gb, needs)
 
 
@@ -355,8 +365,8 @@ def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: 
         # No read-back on a device: the finiteness flag selects the update there.
         return ref.update_running_stats_masked(running_mean, running_var, mean, var, count,
                                                momentum)
-    kernel = kernels.select("running_stats", mean, ref.RUNNING_STATS_REFERENCE)
-    committed = kernel.forward(running_mean, running_var, mean, var, count, momentum, check)
+    committed = _run("running_stats", ref.RUNNING_STATS_REFERENCE, "forward", running_mean,
+                     running_var, mean, var, count, momentum, check, select_on=mean)
     return torch.full((), bool(committed), dtype=torch.bool, device=mean.device)
 
 
@@ -542,8 +552,8 @@ def commit_flag(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Te
         return ref.update_running_stats(running_mean, running_var, mean, var, count, momentum,
                                         check)
     if mean.is_cpu and _eager(running_mean, running_var, mean, var):
-        kernel = kernels.select("running_stats", mean, ref.RUNNING_STATS_REFERENCE)
-        return bool(kernel.forward(running_mean, running_var, mean, var, count, momentum, check))
+        return bool(_run("running_stats", ref.RUNNING_STATS_REFERENCE, "forward", running_mean,
+                         running_var, mean, var, count, momentum, check, select_on=mean))
     return torch.ops.normlab.update_running_stats_(running_mean, running_var, mean, var, count,
                                                    float(momentum), check)
 

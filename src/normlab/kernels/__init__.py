@@ -29,7 +29,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Kernel", "as_param_grad", "like", "register", "registered", "select", "use_reference"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "Kernel",
+    "as_param_grad",
+    "like",
+    "register",
+    "register_backend",
+    "registered",
+    "select",
+    "use_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,10 @@ class Kernel:
     """A forward/backward pair with the reference's signatures (see ``functional/_normalize.py``).
 
     ``applies(x)`` says whether this kernel handles inputs of `x`'s kind: it may look at the
-    device, dtype and layout only, since :func:`select` remembers its answer per kind. A kernel
-    that cannot take a particular input (a size, a stride pattern) hands that call to the
-    reference itself, as the built-in ones do.
+    device, dtype and layout only, since :func:`select` remembers its answer per kind. A fast
+    kernel is partial: for an input it cannot take (a size, a stride pattern, no compiler) it
+    returns None, and the op runs the reference instead (in one place,
+    ``normlab.functional._ops``).
     Non-differentiable ops (the running-statistics update) have no backward.
     """
 
@@ -115,6 +126,85 @@ def like(x: Tensor, t: Tensor) -> Tensor:
     if t.stride() == x.stride():
         return t
     return torch.empty_like(x, dtype=t.dtype).copy_(t)
+
+
+NORM_OPS = ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm")
+ADD_NORM_OPS = ("add_layer_norm", "add_rms_norm")
+NORM_ACT_OPS = ("batch_norm_act", "group_norm_act")
+ACTIVATION_CODES = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+
+
+def register_backend(prefix: str, applies: Callable[[Tensor], bool], forward: Callable[..., Any],
+                     backward: Callable[..., Any]) -> None:
+    """Register one backend's kernels for every normalization op from its two entry points:
+
+    * ``forward(op, x, weight, bias, layout, eps, stats, act, residual)`` -> the reference's
+      outputs ``(out, mean, var, invstd)``, with the sum last for a residual, or None;
+    * ``backward(op, grad_out, x, weight, bias, mean, invstd, layout, batch_stats, needs, act,
+      dextra)`` -> ``(grad_input, grad_weight, grad_bias)`` or None,
+
+    where ``act`` is an :data:`ACTIVATION_CODES` value and None declines the call. The Kernel
+    objects adapt these to the plain, fused-activation and fused-add signatures of the
+    references."""
+    for op in NORM_OPS:
+        register(op, _plain_kernel(prefix, op, applies, forward, backward))
+    for op in ADD_NORM_OPS:
+        register(op, _add_norm_kernel(prefix, op, applies, forward, backward))
+    for op in NORM_ACT_OPS:
+        register(op, _norm_act_kernel(prefix, op, applies, forward, backward))
+
+
+def _plain_kernel(prefix: str, op: str, applies: Callable[[Tensor], bool],
+                  forward: Callable[..., Any], backward: Callable[..., Any]) -> Kernel:
+    def fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
+            stats: tuple[Tensor, Tensor] | None = None) -> Any:
+        return forward(op, x, weight, bias, layout, eps, stats, 0, None)
+
+    def bwd(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, invstd: Tensor,
+            layout: Any, batch_stats: bool, needs: tuple[bool, bool, bool]) -> Any:
+        # The plain norm's kernel reads no bias (only a fused activation needs one).
+        return backward(op, grad_out, x, weight, None, mean, invstd, layout, batch_stats, needs,
+                        0, None)
+
+    return Kernel(forward=fwd, backward=bwd, name=f"{prefix}:{op}", applies=applies)
+
+
+def _add_norm_kernel(prefix: str, op: str, applies: Callable[[Tensor], bool],
+                     forward: Callable[..., Any], backward: Callable[..., Any]) -> Kernel:
+    def fwd(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
+            layout: Any, eps: float, activation: str | None = None) -> Any:
+        out = forward(op, x, weight, bias, layout, eps, None, ACTIVATION_CODES[activation],
+                      residual)
+        if out is None:
+            return None
+        y, mean, var, invstd, s = out
+        return y, s, mean, var, invstd
+
+    def bwd(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor, weight: Tensor | None,
+            bias: Tensor | None, mean: Tensor, invstd: Tensor, layout: Any,
+            needs: tuple[bool, bool, bool], activation: str | None = None) -> Any:
+        if grad_out is None:  # only the sum's gradient: nothing for a kernel to do
+            return None
+        return backward(op, grad_out, s, weight, bias, mean, invstd, layout, True, needs,
+                        ACTIVATION_CODES[activation], grad_sum)
+
+    return Kernel(forward=fwd, backward=bwd, name=f"{prefix}:{op}", applies=applies)
+
+
+def _norm_act_kernel(prefix: str, op: str, applies: Callable[[Tensor], bool],
+                     forward: Callable[..., Any], backward: Callable[..., Any]) -> Kernel:
+    def fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
+            stats: tuple[Tensor, Tensor] | None, activation: str | None) -> Any:
+        return forward(op, x, weight, bias, layout, eps, stats, ACTIVATION_CODES[activation],
+                       None)
+
+    def bwd(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+            mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
+            needs: tuple[bool, bool, bool], activation: str | None) -> Any:
+        return backward(op, grad_out, x, weight, bias, mean, invstd, layout, batch_stats, needs,
+                        ACTIVATION_CODES[activation], None)
+
+    return Kernel(forward=fwd, backward=bwd, name=f"{prefix}:{op}", applies=applies)
 
 
 def _register_builtin_kernels() -> None:

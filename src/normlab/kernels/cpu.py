@@ -17,7 +17,6 @@ library cannot be built, every call runs the reference (after one warning).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from typing import Any
 
@@ -30,7 +29,7 @@ from normlab.kernels import _build
 __all__ = ["ACTIVATIONS", "DTYPE_CODES", "register_all", "running_stats"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
-ACTIVATIONS = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+ACTIVATIONS = kernels.ACTIVATION_CODES
 
 
 def _applies(x: Tensor) -> bool:
@@ -105,12 +104,6 @@ def fixed_stats(stats: tuple[Tensor, Tensor],
     mean, var = (s if s.dtype == cdtype and s.is_contiguous() else s.to(cdtype).contiguous()
                  for s in stats)
     return mean, var, torch.empty_like(var)
-
-
-def _reference() -> Any:
-    from normlab.functional import _normalize
-
-    return _normalize
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,97 +384,11 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
     return dx, grad_weight, grad_bias
 
 
-# ------------------------------------------------------------------------------------------------
-# Kernel objects with the reference's signatures.
-
-
-def _make(op: str) -> kernels.Kernel:
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
-                stats: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, ...]:
-        out = _forward(op, x, weight, bias, layout, eps, stats)
-        if out is None:
-            return _reference().normalize_forward(x, weight, bias, layout, eps, stats)
-        return out
-
-    def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor,
-                 invstd: Tensor, layout: Any, batch_stats: bool,
-                 needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
-        # The reference backward reads no bias; the kernel needs one only to recompute a fused
-        # activation, so a plain norm passes zeros.
-        out = _backward(op, grad_out, x, weight, None, mean, invstd, layout, batch_stats, needs)
-        if out is None:
-            return _reference().normalize_backward(grad_out, x, weight, mean, invstd, layout,
-                                                   batch_stats, needs)
-        return out
-
-    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
-
-
-def _fused_reference() -> Any:
-    from normlab.functional import fused
-
-    return fused
-
-
-def _make_add_norm(op: str) -> kernels.Kernel:
-    def forward(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None,
-                layout: Any, eps: float, activation: str | None = None) -> tuple[Tensor, ...]:
-        out = _forward(op, x, weight, bias, layout, eps, None, ACTIVATIONS[activation],
-                       residual=residual)
-        if out is None:
-            return _fused_reference().add_norm_forward(x, residual, weight, bias, layout, eps,
-                                                       activation)
-        y, mean, var, invstd, s = out
-        return y, s, mean, var, invstd
-
-    def backward(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
-                 weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor,
-                 layout: Any, needs: tuple[bool, bool, bool],
-                 activation: str | None = None) -> tuple[Tensor | None, ...]:
-        out = None
-        if grad_out is not None:
-            out = _backward(op, grad_out, s, weight, bias, mean, invstd, layout, True, needs,
-                            ACTIVATIONS[activation], dextra=grad_sum)
-        if out is None:
-            return _fused_reference().add_norm_backward(grad_out, grad_sum, s, weight, bias,
-                                                        mean, invstd, layout, needs, activation)
-        return out
-
-    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
-
-
-def _make_norm_act(op: str) -> kernels.Kernel:
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any, eps: float,
-                stats: tuple[Tensor, Tensor] | None, activation: str | None) -> tuple[Tensor, ...]:
-        out = _forward(op, x, weight, bias, layout, eps, stats, ACTIVATIONS[activation])
-        if out is None:
-            return _fused_reference().norm_act_forward(x, weight, bias, layout, eps, stats,
-                                                       activation)
-        return out
-
-    def backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
-                 needs: tuple[bool, bool, bool],
-                 activation: str | None) -> tuple[Tensor | None, ...]:
-        out = _backward(op, grad_out, x, weight, bias, mean, invstd, layout, batch_stats, needs,
-                        ACTIVATIONS[activation])
-        if out is None:
-            return _fused_reference().norm_act_backward(grad_out, x, weight, bias, mean, invstd,
-                                                        layout, batch_stats, needs, activation)
-        return out
-
-    return kernels.Kernel(forward=forward, backward=backward, name=f"cpu:{op}", applies=_applies)
-
-
-def _batch_norm_reference() -> Any:
-    # the module, not the function normlab.functional re-exports under the same name
-    return importlib.import_module("normlab.functional.batch_norm")
-
-
 def running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                  count: int, momentum: float, check: bool) -> bool:
+                  count: int, momentum: float, check: bool) -> bool | None:
     """The ``"running_stats"`` kernel: one C++ call (see ``running_stats`` in the source) where
-    buffers and statistics are contiguous and all float32 or all float64; else the reference."""
+    buffers and statistics are contiguous and all float32 or all float64; else None (the
+    reference runs)."""
     dtype = mean.dtype
     code = DTYPE_CODES.get(dtype)
     lib = _build.library(code) if code in (0, 1) else None
@@ -489,8 +396,7 @@ def running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: 
                            and running_mean.is_cpu and running_var.is_cpu and var.is_cpu
                            and mean.is_contiguous() and var.is_contiguous()
                            and running_mean.is_contiguous() and running_var.is_contiguous()):
-        return _batch_norm_reference().update_running_stats(running_mean, running_var, mean,
-                                                            var, count, momentum, check)
+        return None
     rc = lib.nl_running_stats(code, mean.data_ptr(), var.data_ptr(), running_mean.data_ptr(),
                               running_var.data_ptr(), running_mean.numel(),
                               count / max(count - 1, 1), float(momentum), int(check))
@@ -501,13 +407,8 @@ def running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: 
 
 
 def register_all() -> None:
-    """Register the CPU kernels for the five norm ops and the fused ones (nothing is compiled
-    here)."""
-    for op in ("batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm"):
-        kernels.register(op, _make(op))
-    for op in ("add_layer_norm", "add_rms_norm"):
-        kernels.register(op, _make_add_norm(op))
-    for op in ("batch_norm_act", "group_norm_act"):
-        kernels.register(op, _make_norm_act(op))
+    """Register the CPU kernels for the norm ops, the fused ones and the running-statistics
+    update (nothing is compiled here)."""
+    kernels.register_backend("cpu", _applies, _forward, _backward)
     kernels.register("running_stats", kernels.Kernel(forward=running_stats, name="cpu:running_stats",
                                                      applies=_applies))
