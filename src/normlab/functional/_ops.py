@@ -102,19 +102,41 @@ def _like_input(x: Tensor, out: Tensor) -> Tensor:
 # normalize
 
 
-def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dims: list[int],
-               param_shape: list[int], center: bool, eps: float, fixed_mean: Tensor | None,
-               fixed_var: Tensor | None, activation: str | None,
-               kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    layout = _layout_of(reduce_dims, param_shape, center)
-    stats = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
+def _forward_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
+                    eps: float, stats: tuple[Tensor, Tensor] | None, activation: str | None,
+                    kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel's (or the reference's) forward outputs as they come: with fixed statistics
+    the mean and var may be the buffers themselves, flat."""
     kind = _plain_kind(kind, activation)
     if activation is None:
-        out, mean, var, invstd = _run(kind, ref.REFERENCE, "forward", x, weight, bias, layout,
-                                      eps, stats)
-    else:
-        out, mean, var, invstd = _run(kind, ref.NORM_ACT_REFERENCE, "forward", x, weight, bias,
-                                      layout, eps, stats, activation)
+        return _run(kind, ref.REFERENCE, "forward", x, weight, bias, layout, eps, stats)
+    return _run(kind, ref.NORM_ACT_REFERENCE, "forward", x, weight, bias, layout, eps, stats,
+                activation)
+
+
+def _backward_kernel(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     mean: Tensor, invstd: Tensor, layout: ref.Layout, batch_stats: bool,
+                     needs: tuple[bool, bool, bool], activation: str | None,
+                     kind: str) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The kernel's (or the reference's) ``(grad_input, grad_weight, grad_bias)``, the bias
+    gradient as summed (not yet in the bias's shape)."""
+    grad_out = kernels.like(x, grad_out)
+    kind = _plain_kind(kind, activation)
+    if activation is None:
+        return _run(kind, ref.REFERENCE, "backward", grad_out, x, weight, mean, invstd, layout,
+                    batch_stats, needs, select_on=x)
+    return _run(kind, ref.NORM_ACT_REFERENCE, "backward", grad_out, x, weight, bias, mean,
+                invstd, layout, batch_stats, needs, activation, select_on=x)
+
+
+def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduce_dims: list[int],
+                    param_shape: list[int], center: bool, eps: float, fixed_mean: Tensor | None,
+                    fixed_var: Tensor | None, activation: str | None,
+                    kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    layout = _layout_of(reduce_dims, param_shape, center)
+    stats = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
+    out, mean, var, invstd = _forward_kernel(x, weight, bias, layout, eps, stats, activation,
+                                             kind)
     out = _like_input(x, out)
     if stats is not None:
         # Outputs never alias inputs: the mean is copied out of the running buffer (its
@@ -148,18 +170,15 @@ def _normalize_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None,
             x.new_empty(shape, dtype=cdtype))
 
 
-def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...],
-                     outputs_are_stats: bool = True) -> None:
+def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
     x, weight, bias, reduce_dims, param_shape, center, eps, fixed_mean, _fv, activation, kind = \
         inputs
     _out, mean, var, invstd = output
     ctx.save_for_backward(x, weight, bias, mean, invstd)
     ctx.args = (reduce_dims, param_shape, center, eps, activation, kind, fixed_mean is None)
-    if outputs_are_stats:
-        ctx.mark_non_differentiable(mean, var, invstd)
+    ctx.mark_non_differentiable(mean, var, invstd)
     # No zero-filled gradients for the statistics (three allocations and fills per backward).
     ctx.set_materialize_grads(False)
-    ctx.eager = False
 
 
 def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[Any, ...]:
@@ -175,8 +194,7 @@ def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[
         grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
             x, w, b, layout, eps, fixed, activation))
         return (*grads, *none8)
-    backward = _normalize_backward_op_impl if ctx.eager else torch.ops.normlab.normalize_backward
-    grad_input, grad_weight, grad_bias = backward(
+    grad_input, grad_weight, grad_bias = torch.ops.normlab.normalize_backward(
         grad_out, x, weight, bias, mean, invstd, reduce_dims, param_shape, center, batch_stats,
         needs, activation, kind)
     return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
@@ -193,14 +211,8 @@ def _normalize_backward_op_impl(grad_out: Tensor, x: Tensor, weight: Tensor | No
                            kind: str) -> tuple[Tensor, Tensor, Tensor]:
     layout = _layout_of(reduce_dims, param_shape, center)
     needs = (output_mask[0], output_mask[1], output_mask[2])
-    grad_out = kernels.like(x, grad_out)
-    kind = _plain_kind(kind, activation)
-    if activation is None:
-        gi, gw, gb = _run(kind, ref.REFERENCE, "backward", grad_out, x, weight, mean, invstd,
-                          layout, batch_stats, needs, select_on=x)
-    else:
-        gi, gw, gb = _run(kind, ref.NORM_ACT_REFERENCE, "backward", grad_out, x, weight, bias,
-                          mean, invstd, layout, batch_stats, needs, activation, select_on=x)
+    gi, gw, gb = _backward_kernel(grad_out, x, weight, bias, mean, invstd, layout, batch_stats,
+                                  needs, activation, kind)
     return _grads_out(x, weight, bias, gi, gw, gb, needs)
 
 
@@ -288,7 +300,6 @@ def _add_normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor
     ctx.args = (reduce_dims, param_shape, center, eps, activation, kind)
     ctx.mark_non_differentiable(mean, var, invstd)
     ctx.set_materialize_grads(False)
-    ctx.eager = False
 
 
 def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor | None,
@@ -302,17 +313,10 @@ def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor 
         return (None,) * 10
     if torch.is_grad_enabled():  # create_graph=True: differentiate the reference from the sum
         layout = _layout_of(reduce_dims, param_shape, center)
-        if grad_out is None:
-            gs, gw, gb = grad_sum, None, None
-        else:
-            gs, gw, gb = _reference_grads(grad_out, (s, weight, bias), needs, lambda s, w, b: (
-                _ref_out(s, w, b, layout, eps, None, activation)))
-            if gs is not None and grad_sum is not None:
-                gs = gs + grad_sum
+        gs, gw, gb = _add_reference_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
+                                          activation, needs)
     else:
-        backward = (_add_normalize_backward_op_impl if ctx.eager
-                    else torch.ops.normlab.add_normalize_backward)
-        gs, gw, gb = backward(
+        gs, gw, gb = torch.ops.normlab.add_normalize_backward(
             grad_out, grad_sum, s, weight, bias, mean, invstd, reduce_dims, param_shape, center,
             needs, activation, kind)
         gw, gb = (gw if needs[1] else None), (gb if needs[2] else None)
@@ -420,6 +424,21 @@ def _ref_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.
     return ref.activate(z, activation).to(x.dtype)
 
 
+def _add_reference_grads(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+                         weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
+                         eps: float, activation: str | None,
+                         needs: Sequence[bool]) -> list[Tensor | None]:
+    """add_normalize's gradients with a graph: the reference norm differentiated from the sum
+    (whose own graph leads back to the input and the residual), plus the sum's gradient."""
+    if grad_out is None:
+        return [grad_sum, None, None]
+    grads = _reference_grads(grad_out, (s, weight, bias), needs, lambda s, w, b: (
+        _ref_out(s, w, b, layout, eps, None, activation)))
+    if grads[0] is not None and grad_sum is not None:
+        grads[0] = grads[0] + grad_sum
+    return grads
+
+
 def _reference_grads(grad_out: Tensor, inputs: tuple[Tensor | None, ...],
                      needs: Sequence[bool], forward: Any) -> list[Tensor | None]:
     """Gradients of ``forward(*inputs)`` against `grad_out`, with a graph (create_graph)."""
@@ -467,40 +486,84 @@ def _needs_graph(*tensors: Tensor | None) -> bool:
 
 
 class _EagerNormalize(torch.autograd.Function):
-    """The normalize op's kernel and autograd (the same functions the op registers), bound
-    without the dispatcher for eager calls. One output: the statistics leave through
-    `stats_out` (each extra output of an autograd function, and marking it non-differentiable,
-    costs host time on every call); ctx in forward rather than a setup_context, whose argument
-    binding costs ~20 us a call (inspect.signature)."""
+    """The normalize op's kernels and its autograd formula, bound without the dispatcher for
+    eager calls. One output: the statistics leave through `stats_out` (each extra output of an
+    autograd function, and marking it non-differentiable, costs host time on every call)."""
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:  # type: ignore[override]
-        # stats_out last, so that needs_input_grad lines up with the op's arguments
-        *inputs, stats_out = inputs
-        output = _normalize_impl(*inputs)
-        _normalize_setup(ctx, inputs, output, outputs_are_stats=False)
-        ctx.eager = True
-        stats_out += output[1:]
-        return output[0]
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,  # type: ignore[override]
+                layout: ref.Layout, eps: float, fixed_mean: Tensor | None,
+                fixed_var: Tensor | None, activation: str | None, kind: str,
+                stats_out: list[Tensor]) -> Tensor:
+        # A copy of a fixed mean: kernels may return it as the mean the backward reads, and the
+        # running buffer can move on before the backward runs (the variance needs none: the
+        # backward reads the invstd computed from it, always a new tensor).
+        stats = None if fixed_mean is None or fixed_var is None else (fixed_mean.clone(),
+                                                                      fixed_var)
+        out, mean, var, invstd = _forward_kernel(x, weight, bias, layout, eps, stats, activation,
+                                                 kind)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.config = (layout, eps, activation, kind, stats is None)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        stats_out += (mean, var)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        return (*_normalize_backward(ctx, grad_out), None)
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        layout, eps, activation, kind, batch_stats = ctx.config
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        none7 = (None,) * 7
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            fixed = None if batch_stats else (mean.reshape(layout.param_shape),
+                                              invstd.reshape(layout.param_shape))
+            grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
+                x, w, b, layout, eps, fixed, activation))
+            return (*grads, *none7)
+        gi, gw, gb = _backward_kernel(grad_out, x, weight, bias, mean, invstd, layout,
+                                      batch_stats, needs, activation, kind)
+        if gb is not None and ctx.bias_meta is not None:
+            gb = kernels.as_param_grad(gb, *ctx.bias_meta)
+        return (gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
+                *none7)
 
 
 class _EagerAddNormalize(torch.autograd.Function):
-    """As :class:`_EagerNormalize`, for add_normalize."""
+    """As :class:`_EagerNormalize`, for add_normalize: ``(out, sum)``."""
 
-    # ctx in forward, not a separate setup_context: binding the arguments of one costs ~20 us
-    # a call (inspect.signature).
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
-        output = _add_normalize_impl(*inputs)
-        _add_normalize_setup(ctx, inputs, output)
-        ctx.eager = True
-        return output
+    def forward(ctx: Any, x: Tensor, residual: Tensor, weight: Tensor | None,  # type: ignore[override]
+                bias: Tensor | None, layout: ref.Layout, eps: float, activation: str | None,
+                kind: str) -> tuple[Tensor, Tensor]:
+        out, s, mean, _var, invstd = _run(kind, ref.ADD_NORM_REFERENCE, "forward", x, residual,
+                                          weight, bias, layout, eps, activation)
+        ctx.save_for_backward(s, weight, bias, mean, invstd)
+        ctx.config = (layout, eps, activation, kind)
+        ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
+        ctx.set_materialize_grads(False)
+        return out, s
 
-    backward = staticmethod(_add_normalize_backward)  # type: ignore[assignment]
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor | None,  # type: ignore[override]
+                 grad_sum: Tensor | None) -> tuple[Any, ...]:
+        s, weight, bias, mean, invstd = ctx.saved_tensors
+        layout, eps, activation, kind = ctx.config
+        n = ctx.needs_input_grad
+        needs = (n[0] or n[1], n[2], n[3])
+        if grad_out is None and grad_sum is None:
+            return (None,) * 8
+        if torch.is_grad_enabled():
+            gs, gw, gb = _add_reference_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
+                                              activation, needs)
+        else:
+            gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward",
+                              None if grad_out is None else grad_out.contiguous(),
+                              None if grad_sum is None else grad_sum.contiguous(), s, weight,
+                              bias, mean, invstd, layout, needs, activation, select_on=s)
+            if gb is not None and ctx.bias_meta is not None:
+                gb = kernels.as_param_grad(gb, *ctx.bias_meta)
+        return (gs if n[0] else None, gs if n[1] else None, gw if needs[1] else None,
+                gb if needs[2] else None, None, None, None, None)
 
 
 def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: ref.Layout,
@@ -513,16 +576,18 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, la
                                                        activation)
         return out, mean.detach(), var.detach()
     fixed_mean, fixed_var = (None, None) if stats is None else stats
-    args = (x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
-            fixed_mean, fixed_var, activation, op)
     if not _eager(x, weight, bias, fixed_mean, fixed_var):
-        out, mean, var, _invstd = torch.ops.normlab.normalize(*args)
+        out, mean, var, _invstd = torch.ops.normlab.normalize(
+            x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
+            fixed_mean, fixed_var, activation, op)
     elif _needs_graph(x, weight, bias):
         stats_out: list[Tensor] = []
-        out = _EagerNormalize.apply(*args, stats_out)
+        out = _EagerNormalize.apply(x, weight, bias, layout, eps, fixed_mean, fixed_var,
+                                    activation, op, stats_out)
         mean, var = stats_out[0], stats_out[1]
-    else:
-        out, mean, var, _invstd = _normalize_impl(*args)
+    else:  # inference: the kernel without an autograd node (its set-up costs more)
+        out, mean, var, _invstd = _forward_kernel(x, weight, bias, layout, eps, stats,
+                                                  activation, op)
     return out, mean, var
 
 
@@ -533,14 +598,15 @@ def add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tens
     if reference_math_active():
         out, s, *_ = ref.add_norm_forward(x, residual, weight, bias, layout, eps, activation)
         return out, s
-    args = (x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center,
-            eps, activation, op)
     if not _eager(x, residual, weight, bias):
-        out, s, *_ = torch.ops.normlab.add_normalize(*args)
+        out, s, *_ = torch.ops.normlab.add_normalize(
+            x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center,
+            eps, activation, op)
     elif _needs_graph(x, residual, weight, bias):
-        out, s, *_ = _EagerAddNormalize.apply(*args)
+        out, s = _EagerAddNormalize.apply(x, residual, weight, bias, layout, eps, activation, op)
     else:
-        out, s, *_ = _add_normalize_impl(*args)
+        out, s, *_ = _run(op, ref.ADD_NORM_REFERENCE, "forward", x, residual, weight, bias,
+                          layout, eps, activation)
     return out, s
 
 
