@@ -478,11 +478,21 @@ def _eager(*tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or \
             torch._C._len_torch_dispatch_stack():
         return False
-    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+    # A loop rather than all() over a generator: this runs on every call (1 us against 0.4).
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            break
+    else:
+        return True
+    return False
 
 
-def _needs_graph(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_graph(x: Tensor, a: Tensor | None, b: Tensor | None, c: Tensor | None = None) -> bool:
+    """Whether a call builds an autograd graph (fixed arity: a generator costs more than the
+    test itself)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (a is not None and a.requires_grad)
+                                        or (b is not None and b.requires_grad)
+                                        or (c is not None and c.requires_grad))
 
 
 class _EagerNormalize(torch.autograd.Function):
