@@ -1,30 +1,12 @@
 r"""Batch renormalization (Ioffe, 2017): batch norm whose training output matches inference.
 
-Batch norm trains on the batch statistics :math:`\mu_B, \sigma_B` but infers with the running ones
-:math:`\mu, \sigma`; with small or non-i.i.d. batches the two differ and the model that was trained
-is not the model that is deployed. Batch renorm corrects the training output towards the running
-statistics with two per-channel factors that are treated as constants (no gradient flows through
-them):
-
-.. math::
-    \sigma_B = \sqrt{\sigma_B^2 + \epsilon}, \quad \sigma = \sqrt{\mathrm{running\_var} + \epsilon},
-    \quad r = \mathrm{clip}\bigl(\sigma_B / \sigma,\; 1/r_{max},\; r_{max}\bigr), \quad
-    d = \mathrm{clip}\bigl((\mu_B - \mu) / \sigma,\; -d_{max},\; d_{max}\bigr)
-
-.. math::
-    y = \gamma\,(\hat x\,r + d) + \beta = (\gamma r)\,\hat x + (\gamma d + \beta),
-    \qquad \hat x = (x - \mu_B) / \sigma_B
-
-With the clips inactive, :math:`\hat x\,r + d = (x - \mu)/\sigma`: exactly the inference output.
-With :math:`r_{max} = 1, d_{max} = 0` it is batch norm. Because :math:`r, d` are constants, the
-layer is the normalize primitive of :mod:`normlab.functional._normalize` with the effective weight
-:math:`\gamma r` and bias :math:`\gamma d + \beta`; autograd through those two products gives the
-paper's gradients exactly. Evaluation is batch norm's, with the running statistics.
+The correction and its schedule are :mod:`normlab.functional.batch_renorm`; this module owns the
+parameters, the buffers and the step counter. Evaluation is batch norm's, with the running
+statistics.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +22,13 @@ from normlab.functional.batch_norm import (
     commit_running_stats,
     count_batch,
 )
+from normlab.functional.batch_renorm import (
+    check_renorm_limits,
+    renorm_affine,
+    renorm_correction,
+    renorm_limits,
+    renorm_limits_traced,
+)
 from normlab.functional.moments import moments
 from normlab.nn.batchnorm import _BatchNorm
 
@@ -48,47 +37,8 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
 Schedule = Callable[[int], tuple[float, float]]
 
 
-def renorm_limits(
-    step: int,
-    r_max: float = 3.0,
-    d_max: float = 5.0,
-    warmup_steps: int = 5000,
-    r_max_ramp_steps: int = 35000,
-    d_max_ramp_steps: int = 20000,
-) -> tuple[float, float]:
-    """The clipping limits ``(r_max, d_max)`` in force at training step `step`.
-
-    The paper's schedule (Ioffe 2017, Sec. 4): plain batch norm (``r_max = 1, d_max = 0``) for the
-    first `warmup_steps`, then linear ramps to the final values, reached at step
-    ``warmup_steps + r_max_ramp_steps`` for r_max and ``warmup_steps + d_max_ramp_steps`` for
-    d_max. The defaults give r_max = 3 by step 40k and d_max = 5 by step 25k. A ramp of 0 steps
-    switches to the final value at the end of the warm-up.
-    """
-    def ramp(length: int) -> float:
-        if step < warmup_steps:
-            return 0.0
-        if length <= 0:
-            return 1.0
-        return min(1.0, (step - warmup_steps) / length)
-
-    return 1.0 + (r_max - 1.0) * ramp(r_max_ramp_steps), d_max * ramp(d_max_ramp_steps)
-
-
-def _check_limits(name: str, r_max: float, d_max: float) -> None:
-    if not (math.isfinite(r_max) and r_max >= 1.0):
-        raise ValueError(
-            f"{name}: r_max={r_max!r} must be finite and >= 1 (r is clipped to [1/r_max, r_max]; "
-            "r_max=1 turns the correction off)"
-        )
-    if not (math.isfinite(d_max) and d_max >= 0.0):
-        raise ValueError(
-            f"{name}: d_max={d_max!r} must be finite and >= 0 (d is clipped to [-d_max, d_max]; "
-            "d_max=0 turns the correction off)"
-        )
-
-
 class _BatchRenorm(_BatchNorm):
-    """Batch renorm over normlab's batch norm module; see the module docstring for the math."""
+    """Batch renorm over normlab's batch norm module; the math: :mod:`normlab.functional.batch_renorm`."""
 
     def __init__(
         self,
@@ -115,7 +65,7 @@ class _BatchRenorm(_BatchNorm):
                 f"{name}: batch renorm corrects batch statistics towards the running statistics, "
                 "so it needs track_running_stats=True; without them use BatchNorm"
             )
-        _check_limits(name, r_max, d_max)
+        check_renorm_limits(name, r_max, d_max)
         for arg, value in (("warmup_steps", warmup_steps), ("r_max_ramp_steps", r_max_ramp_steps),
                            ("d_max_ramp_steps", d_max_ramp_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -144,16 +94,8 @@ class _BatchRenorm(_BatchNorm):
         counter = self.num_batches_tracked
         if self.schedule is not None or _readable(counter):
             return self.limits()
-        step = counter.to(torch.float32)
-        started = (step >= self.warmup_steps).to(torch.float32)
-
-        def ramp(length: int) -> Tensor:
-            if length <= 0:
-                return started
-            return ((step - self.warmup_steps) / length).clamp(0.0, 1.0) * started
-
-        r_max = 1.0 + (self.r_max - 1.0) * ramp(self.r_max_ramp_steps)
-        return r_max, self.d_max * ramp(self.d_max_ramp_steps)
+        return renorm_limits_traced(counter, self.r_max, self.d_max, self.warmup_steps,
+                                    self.r_max_ramp_steps, self.d_max_ramp_steps)
 
     def limits(self, step: int | None = None) -> tuple[float, float]:
         """``(r_max, d_max)`` at `step` (default: the next training step, num_batches_tracked)."""
@@ -166,7 +108,7 @@ class _BatchRenorm(_BatchNorm):
                 step, self.r_max, self.d_max, self.warmup_steps,
                 self.r_max_ramp_steps, self.d_max_ramp_steps,
             )
-        _check_limits(f"{type(self).__name__} (schedule at step {step})", r_max, d_max)
+        check_renorm_limits(f"{type(self).__name__} (schedule at step {step})", r_max, d_max)
         return r_max, d_max
 
     def forward(self, input: Tensor) -> Tensor:
@@ -185,16 +127,9 @@ class _BatchRenorm(_BatchNorm):
             # normalize, which recomputes the same moments (same routine, same result).
             mean, var = moments(input, layout.reduce_dims)
             mean, var = mean.reshape(-1), var.reshape(-1)
-            run_std = (self.running_var.to(var.dtype) + self.eps).sqrt()
-            r = torch.clamp((var + self.eps).sqrt() / run_std, 1.0 / r_max, r_max)
-            d = torch.clamp((mean - self.running_mean.to(mean.dtype)) / run_std, -d_max, d_max)
-        weight, bias = self.weight, self.bias
-        pdtype = weight.dtype if weight is not None else r.dtype
-        r, d = r.to(pdtype), d.to(pdtype)
-        eff_weight = r if weight is None else weight * r
-        eff_bias = d if weight is None else weight * d
-        if bias is not None:
-            eff_bias = eff_bias + bias
+        r, d = renorm_correction(mean, var, self.running_mean, self.running_var, self.eps, r_max,
+                                 d_max)
+        eff_weight, eff_bias = renorm_affine(self.weight, self.bias, r, d)
         out, _, _ = normalize(input, eff_weight, eff_bias, "batch_norm", layout, self.eps)
         # The paper's order: r and d above used the running statistics from before this batch.
         # The counter moves only once the statistics are in: a rejected call changes no state.

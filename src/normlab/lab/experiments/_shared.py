@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import normlab.functional as NF
+from normlab.functional.batch_renorm import renorm_correction, renorm_limits
 from normlab.lab.common import TrainCurves, train_classifier
-from normlab.nn.renorm import renorm_limits
 
 __all__ = [
     "DeviceBatchNorm2d",
@@ -82,7 +82,7 @@ class DeviceBatchNorm2d(nn.Module):
     the input rearranged to ``(devices, C, device_batch * H * W)``
     (:func:`normlab.functional.group_norm`). With ``renorm=True`` each device's output is batch
     renorm's ``x_hat * r + d`` (Ioffe 2017; r, d per device from the running statistics, without
-    gradient; limits from :func:`normlab.nn.renorm.renorm_limits`). Running statistics: the
+    gradient; limits from :func:`normlab.functional.batch_renorm.renorm_limits`). Running statistics: the
     device-averaged mean and unbiased variance, one momentum update per forward call. Eval:
     :func:`normlab.functional.batch_norm` with the running statistics.
 
@@ -143,9 +143,8 @@ class DeviceBatchNorm2d(nn.Module):
                     int(self.num_batches_tracked), 3.0, 5.0, self.warmup_steps,
                     self.ramp_steps, self.ramp_steps,
                 )
-                run_std = (self.running_var + self.eps).sqrt()
-                r = ((var + self.eps).sqrt() / run_std).clamp(1.0 / r_max, r_max)
-                d = ((mean - self.running_mean) / run_std).clamp(-d_max, d_max)
+                r, d = renorm_correction(mean, var, self.running_mean, self.running_var,
+                                         self.eps, r_max, d_max)
             unbiased = var * count / max(count - 1, 1)
             self.running_mean.lerp_(mean.mean(dim=0), self.momentum)
             self.running_var.lerp_(unbiased.mean(dim=0), self.momentum)
