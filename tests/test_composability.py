@@ -559,3 +559,27 @@ def test_ddp_averages_gradients_across_processes():
         ours(x).square().sum().backward()
     for g, p in zip(grads[0], ours.parameters()):
         torch.testing.assert_close(g, p.grad / 2, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_export_and_compile_with_a_dynamic_batch(name, mode):
+    # A symbolic batch size must stay symbolic through the ops (no specialization), and module
+    # floats such as eps arrive symbolic under torch.compile(dynamic=True).
+    from torch.export import Dim
+
+    ours, oracle, x = _pair(name, mode)
+    bigger = torch.cat([x, x])
+    if name == "GhostBatchNorm2d" and mode == "train":
+        # The number of virtual batches is the graph's structure (one set of statistics each):
+        # a batch of any size cannot be one graph, and export says so instead of guessing.
+        with pytest.raises(torch._dynamo.exc.UserError, match=r"Constraints violated \(batch\)"):
+            torch.export.export(ours, (x,), dynamic_shapes=({0: Dim("batch", min=2)},))
+        return
+    program = torch.export.export(copy.deepcopy(ours), (x,),
+                                  dynamic_shapes=({0: Dim("batch", min=2)},))
+    torch.testing.assert_close(program.module()(bigger), copy.deepcopy(oracle)(bigger),
+                               atol=1e-5, rtol=1e-4)
+    compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
+    for inp in (x, bigger):
+        torch.testing.assert_close(compiled(inp), oracle(inp), atol=1e-5, rtol=1e-4)

@@ -377,7 +377,7 @@ def _update_running_stats_impl(running_mean: Tensor, running_var: Tensor, mean: 
 _update_running_stats = torch.library.custom_op(
     "normlab::update_running_stats_", mutates_args=("running_mean", "running_var"),
     schema="(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, "
-           "int count, float momentum, bool check) -> Tensor",
+           "SymInt count, float momentum, bool check) -> Tensor",
 )(_update_running_stats_impl)
 
 

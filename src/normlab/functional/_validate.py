@@ -6,7 +6,6 @@ value and the rule, so a caller can fix the call without reading normlab's sourc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +46,9 @@ def check_param(op: str, name: str, param: Tensor | None, x: Tensor, shape: Sequ
 def check_eps(op: str, eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    # eps - eps == 0 is math.isfinite for floats (inf - inf and NaN give NaN) that also traces:
+    # torch.compile(dynamic=True) passes module floats in as symbolic values.
+    if not (eps - eps == 0 and eps > 0):
         raise ValueError(
             f"{op}: eps={eps!r} must be finite and > 0; it keeps 1/sqrt(var + eps) finite "
             "on constant inputs"

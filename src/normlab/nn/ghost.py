@@ -66,7 +66,8 @@ class _GhostBatchNorm(_BatchNorm):
         n, c = input.shape[0], input.shape[1]
         per_sample = input.numel() // (n * c)
         vbs = self.virtual_batch_size
-        full, rest = divmod(n, vbs) if n > vbs else (0, n)
+        # // and %, not divmod(): a traced batch size (torch.export's dynamic dims) has no divmod
+        full, rest = (n // vbs, n % vbs) if n > vbs else (0, n)
         smallest = rest if rest else vbs
         if smallest * per_sample == 1:
             raise ValueError(
