@@ -201,11 +201,7 @@ def test_jit_trace_saves_loads_and_matches(name):
     torch.testing.assert_close(loaded(x), want, atol=1e-5, rtol=1e-4)
 
 
-ONNX_MODELS = ["BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm",
-               "BatchNormAct2d", "FusedAddLayerNorm", "FrozenBatchNorm2d"]
-
-
-@pytest.mark.parametrize("name", ONNX_MODELS)
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_onnx_export_runs_in_onnxruntime(name):
     import onnxruntime
 
@@ -583,3 +579,26 @@ def test_export_and_compile_with_a_dynamic_batch(name, mode):
     compiled = torch.compile(ours, dynamic=True, fullgraph=True, backend="aot_eager")
     for inp in (x, bigger):
         torch.testing.assert_close(compiled(inp), oracle(inp), atol=1e-5, rtol=1e-4)
+
+
+BF16_MODELS = ["BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm2d", "RMSNorm",
+               "FusedAddLayerNorm", "BatchNormAct2d"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BF16_MODELS)
+def test_bfloat16_models_compile_and_export(name, mode):
+    ours, oracle, x = _pair(name, mode)
+    ours, oracle, x = ours.to(torch.bfloat16), oracle.to(torch.bfloat16), x.to(torch.bfloat16)
+    tol = {"atol": 6e-2, "rtol": 6e-2}
+    program = torch.export.export(copy.deepcopy(ours), (x,))
+    torch.testing.assert_close(program.module()(x), copy.deepcopy(oracle)(x), **tol)
+    eager = copy.deepcopy(ours)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    out, grads = _step(compiled, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _step(oracle, x)[0], **tol)
+    # Gradients against normlab's own eager run: torch's bfloat16 convolution backward rounds
+    # differently, and what is under test is that compiling changes nothing.
+    for g, w in zip(grads, _step(eager, x)[1]):
+        torch.testing.assert_close(g, w, **tol)
