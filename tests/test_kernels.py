@@ -458,7 +458,7 @@ def test_channels_last_check_from_strides_matches_movedim() -> None:
     # call) must agree with it on every dim order, size-1 dims and non-dense views included.
     import itertools
 
-    from normlab.kernels.cpu import _channels_last
+    from normlab.kernels.problems import channels_last as _channels_last
 
     def by_movedim(x: torch.Tensor, nchan: int) -> bool:
         src = tuple(range(1, 1 + nchan))

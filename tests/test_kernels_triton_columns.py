@@ -1,7 +1,7 @@
 """Triton column kernels (channels_last batch/instance/group norm) against the float64 reference,
 on the CPU under ``TRITON_INTERPRET=1``.
 
-Plans are built with ``cpu._plan`` as production builds them, so the tests pin the ``[O][P][C]``
+Plans are built with ``problems.plan`` as production builds them, so the tests pin the ``[O][P][C]``
 dims the kernels rely on. The tuning constants are shrunk in most cases so that tiles are small:
 several channel blocks (C not a multiple of BLOCK_C), several tiles per chunk, several chunks per
 group (P not a multiple of the chunk) and several blocks of chunks in each merge program.
@@ -18,7 +18,7 @@ from interpreter import ACT_NAMES, TOL, interpreted
 from normlab.functional import fused
 from normlab.functional._normalize import Layout
 from normlab.functional.batch_norm import batch_norm_layout
-from normlab.kernels import cpu
+from normlab.kernels import cpu, problems
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,9 @@ def _setup(name: str, dtype: torch.dtype, seed: int):
     if fixed:
         p = layout.param_shape
         stats = (torch.randn(p, generator=g), torch.rand(p, generator=g) + 0.5)
-    plan = cpu._plan(op, x, layout, fixed)
-    assert plan is not None and plan.kind == "col"
-    d = plan.dims
-    assert (d["O"], d["P"], d["C"], d["G"]) == dims
+    plan = problems.plan(op, x, layout, fixed)
+    assert isinstance(plan, problems.Columns)
+    assert dims == (plan.O, plan.P, plan.C, plan.G)
     assert plan.input(x) is x
     return g, op, x, layout, w, b, stats, plan, fixed
 
@@ -88,16 +87,15 @@ def _use(tc, monkeypatch, config: str) -> None:
 def _run(tc, x, w, b, layout, plan, stats, act, dy, need_dx, eps=1e-5):
     """Forward then backward exactly as triton_kernels calls them."""
     f32 = torch.float32
-    d = plan.dims
     wf = cpu._param(w, plan.nparam, f32, 1.0)
     bf = cpu._param(b, plan.nparam, f32, 0.0)
     given = None
     if stats is not None:
         mean, var = (t.to(f32, copy=True) for t in stats)
         given = (mean, var, (var + eps).rsqrt())
-    out = tc.col_forward(plan.input(x), wf, bf, d["O"], d["P"], d["C"], d["G"], eps, plan.stats_shape,
+    out = tc.col_forward(plan.input(x), wf, bf, plan.O, plan.P, plan.C, plan.G, eps, plan.stats_shape,
                          given, act)
-    grads = tc.col_backward(dy, plan.input(x), wf, bf, out[1], out[3], d["O"], d["P"], d["C"], d["G"],
+    grads = tc.col_backward(dy, plan.input(x), wf, bf, out[1], out[3], plan.O, plan.P, plan.C, plan.G,
                             stats is None, need_dx, act)
     return out, grads
 
@@ -106,7 +104,7 @@ def _check(x, w, b, layout, plan, stats, act, dy, need_dx, out, grads) -> None:
     dtype = x.dtype
     tol = TOL[dtype]
     f64 = torch.float64
-    C = plan.dims["C"]
+    C = plan.C
     # Missing parameters are ones and zeros (the kernel's stand-ins), so the reference also has
     # a weight gradient to compare.
     w = torch.ones(C) if w is None else w
@@ -207,10 +205,9 @@ def test_columns_large_offset(tc, monkeypatch) -> None:
     g = torch.Generator().manual_seed(3)
     x = (1e4 + 0.01 * torch.randn(4, 9, 7, 5, generator=g)).movedim(-1, 1)
     layout = batch_norm_layout(4, 5)
-    plan = cpu._plan("batch_norm", x, layout, False)
-    d = plan.dims
+    plan = problems.plan("batch_norm", x, layout, False)
     ones, zeros = torch.ones(5), torch.zeros(5)
-    y, _mean, var, _invstd = tc.col_forward(plan.input(x), ones, zeros, d["O"], d["P"], d["C"], d["G"],
+    y, _mean, var, _invstd = tc.col_forward(plan.input(x), ones, zeros, plan.O, plan.P, plan.C, plan.G,
                                             1e-5, plan.stats_shape, None, 0)
     ref = fused.norm_act_forward(x.double(), None, None, layout, 1e-5, None, None)
     torch.testing.assert_close(var.double(), ref[2], atol=0, rtol=1e-5)

@@ -29,50 +29,16 @@ weight and the per-group ``mean`` and ``invstd`` in the compute dtype, never the
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from normlab import kernels
 from normlab.functional.moments import compute_dtype, moments
+from normlab.kernels.problems import Layout, grouped_layout, trailing_layout
 
-
-@dataclass(frozen=True)
-class Layout:
-    """How one norm's statistics and parameters line up with its input.
-
-    Attributes:
-        reduce_dims: dimensions of the (possibly viewed) input the statistics average over.
-        param_shape: shape weight/bias are viewed as so they broadcast against the input.
-        center: subtract the mean (False for RMS norm, which normalizes by the root mean square).
-    """
-
-    reduce_dims: tuple[int, ...]
-    param_shape: tuple[int, ...]
-    center: bool = True
-
-
-# Layouts are interned per geometry (cached factories): building one per call costs more than the
-# lookup, and the kernels' plan caches key on them.
-
-
-@functools.lru_cache(maxsize=256)
-def trailing_layout(ndim: int, shape: tuple[int, ...], center: bool = True) -> Layout:
-    """Statistics over the trailing ``len(shape)`` dims of an `ndim`-dim input, parameters of
-    `shape` (layer and RMS norm)."""
-    return Layout(reduce_dims=tuple(range(ndim - len(shape), ndim)), param_shape=shape,
-                  center=center)
-
-
-@functools.lru_cache(maxsize=256)
-def grouped_layout(ndim: int, groups: int, per_group: int) -> Layout:
-    """Statistics per (sample, group) of an input viewed as (N, G, C/G, *spatial) with `ndim`
-    dims; per-channel parameters (group norm)."""
-    spatial = tuple(range(3, ndim))
-    return Layout(reduce_dims=(2, *spatial),
-                  param_shape=(1, groups, per_group, *(1,) * len(spatial)))
+# Layout and its factories live with the kernel problems they are planned into; they are part of
+# this module's vocabulary, so they are importable from here too.
+__all__ = ["Layout", "grouped_layout", "trailing_layout"]
 
 
 def _param_sum_dims(layout: Layout, ndim: int) -> list[int]:

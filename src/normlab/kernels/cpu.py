@@ -17,7 +17,6 @@ library cannot be built, every call runs the reference (after one warning).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from normlab import kernels
 from normlab.kernels import _build
+from normlab.kernels.problems import ChannelRows, Columns, FixedRows, Rows, plan
 
 __all__ = ["ACTIVATIONS", "DTYPE_CODES", "register_all", "running_stats"]
 
@@ -60,21 +60,6 @@ def _param(p: Tensor | None, n: int, cdtype: torch.dtype, fill: float,
     if p.dtype == cdtype and p.is_contiguous():
         return p  # the common case, without four tensor calls of overhead
     return p.detach().to(cdtype).reshape(-1).contiguous()
-
-
-def _channels_last(x: Tensor, nchan: int = 1) -> bool:
-    """True if the `nchan` dims after the batch dim are innermost and the tensor is dense."""
-    # From the strides (a movedim + is_contiguous costs ~20 us of host time per call): dense in
-    # the order (batch, spatial..., channel dims...), size-1 dims ignored as torch does.
-    nd = x.dim()
-    order = (0, *range(1 + nchan, nd), *range(1, 1 + nchan))
-    expected = 1
-    for d in reversed(order):
-        size = x.shape[d]
-        if size != 1 and x.stride(d) != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -217,127 +202,44 @@ def _col_backward(lib: Any, dy: Tensor, x: Tensor, w: Tensor, b: Tensor, mean: T
     return dx, gw, gb
 
 
-# ------------------------------------------------------------------------------------------------
-# Planning: which canonical problem an (op, layout, input) is.
-
-
-class _Plan:
-    """How inputs of one geometry map onto a canonical kernel problem; cached per geometry (the
-    same plan serves an op's forward and backward, and every later call on that shape).
-
-    """
-
-    __slots__ = ("dims", "kind", "nparam", "stats_shape")
-
-    def __init__(self, kind: str, dims: dict[str, int], nparam: int,
-                 stats_shape: tuple[int, ...]) -> None:
-        self.kind, self.dims, self.nparam, self.stats_shape = kind, dims, nparam, stats_shape
-
-    def input(self, x: Tensor) -> Tensor:
-        """`x` as this plan's kernels read it: contiguous for the row problems, as it is for the
-        column problems (they read channels_last strides directly)."""
-        return x if self.kind == "col" else x.contiguous()
-
-
-_PLANS: dict[tuple[Any, ...], _Plan | None] = {}
-_MAX_PLANS = 4096  # many distinct shapes (e.g. variable sequence lengths): start over
-
-
-def _plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
-    """The canonical problem for `op` on `x`, or None to use the reference."""
-    key = (op, x.shape, x.stride(), layout, fixed)
-    try:
-        return _PLANS[key]
-    except KeyError:
-        pass
-    plan = _make_plan(op, x, layout, fixed)
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = plan
-    return plan
-
-
-def _make_plan(op: str, x: Tensor, layout: Any, fixed: bool) -> _Plan | None:
-    nd = x.dim()
-    if x.numel() == 0:
-        return None
-    if op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
-        k = len(layout.param_shape)
-        if fixed or layout.reduce_dims != tuple(range(nd - k, nd)):
-            return None
-        M = math.prod(layout.param_shape)
-        return _Plan("row", {"R": x.numel() // M, "K": M, "S": 1, "Gp": 1}, M,
-                     (*x.shape[: nd - k], *(1,) * k))
-    if op in ("group_norm", "group_norm_act"):
-        if fixed or nd < 3 or layout.reduce_dims != tuple(range(2, nd)):
-            return None
-        N, G, K = x.shape[:3]
-        S = math.prod(x.shape[3:])
-        shape = (N, G, *(1,) * (nd - 2))
-        if not x.is_contiguous() and _channels_last(x, 2):
-            return _Plan("col", {"O": N, "P": S, "C": G * K, "G": G, "nchan": 2}, G * K, shape)
-        return _Plan("row", {"R": N * G, "K": K, "S": S, "Gp": G}, G * K, shape)
-    if op in ("batch_norm", "batch_norm_act", "instance_norm"):
-        if nd < 2:
-            return None
-        N, C = x.shape[:2]
-        S = math.prod(x.shape[2:])
-        per_sample = op == "instance_norm" and not fixed
-        want = tuple(range(2, nd)) if op == "instance_norm" else (0, *range(2, nd))
-        if layout.reduce_dims != want or (op == "instance_norm" and nd < 3):
-            return None
-        shape = (N, C, *(1,) * (nd - 2)) if per_sample else (1, C, *(1,) * (nd - 2))
-        if _channels_last(x):
-            if per_sample:
-                return _Plan("col", {"O": N, "P": S, "C": C, "G": C}, C, shape)
-            return _Plan("col", {"O": 1, "P": N * S, "C": C, "G": C}, C, shape)
-        if per_sample:
-            return _Plan("row", {"R": N * C, "K": 1, "S": S, "Gp": C}, C, shape)
-        if fixed:
-            return _Plan("row_fixed", {"R": N * C, "K": 1, "S": S, "Gp": C, "smod": C}, C, shape)
-        return _Plan("bn_rows", {"N": N, "C": C, "S": S}, C, shape)
-    return None
-
-
 def _forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: Any,
              eps: float, stats: tuple[Tensor, Tensor] | None, act: int = 0,
              residual: Tensor | None = None) -> tuple[Tensor, ...] | None:
     """Kernel forward, or None when the reference must run (unsupported plan, no library)."""
-    plan = _plan(op, x, layout, stats is not None)
-    if plan is None or (residual is not None and plan.kind != "row"):
+    problem = plan(op, x, layout, stats is not None)
+    if problem is None or (residual is not None and not isinstance(problem, Rows)):
         return None
     lib = _build.library(DTYPE_CODES[x.dtype], act != 0)
     if lib is None:
         return None
-    xk = plan.input(x)
+    xk = problem.input(x)
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _param(weight, plan.nparam, cd, 1.0)
-    b = _param(bias, plan.nparam, cd, 0.0)
-    d = plan.dims
+    w = _param(weight, problem.nparam, cd, 1.0)
+    b = _param(bias, problem.nparam, cd, 0.0)
     given = None if stats is None else fixed_stats(stats, cd)
-    if plan.kind == "row":
+    p = problem
+    if isinstance(p, Rows):
         res = None if residual is None else residual.contiguous()
-        y, mean, var, invstd, s = _row_forward(lib, xk, w, b, d["R"], d["K"], d["S"], d["Gp"],
-                                               eps, layout.center, plan.stats_shape, act, res)
+        y, mean, var, invstd, s = _row_forward(lib, xk, w, b, p.R, p.K, p.S, p.Gp, eps,
+                                               layout.center, p.stats_shape, act, res)
         return (y, mean, var, invstd, s) if residual is not None else (y, mean, var, invstd)
-    if plan.kind == "col":
-        return _col_forward(lib, xk, w, b, d["O"], d["P"], d["C"], d["G"], eps,
-                            plan.stats_shape, given, act)
-    if plan.kind == "row_fixed":
+    if isinstance(p, Columns):
+        return _col_forward(lib, xk, w, b, p.O, p.P, p.C, p.G, eps, p.stats_shape, given, act)
+    if isinstance(p, FixedRows):
         assert given is not None
         y = torch.empty_like(xk)
         mean, var, invstd = given
         _check(lib.nl_row_normalize(DTYPE_CODES[x.dtype], act, xk.data_ptr(), y.data_ptr(),
-                                    d["R"], d["K"], d["S"], d["Gp"], d["smod"], w.data_ptr(),
-                                    b.data_ptr(), mean.data_ptr(), var.data_ptr(), float(eps),
+                                    p.R, p.K, p.S, p.Gp, p.smod, w.data_ptr(), b.data_ptr(),
+                                    mean.data_ptr(), var.data_ptr(), float(eps),
                                     invstd.data_ptr()),
                "row_normalize")
         return y, mean, var, invstd
-    # bn_rows
+    assert isinstance(p, ChannelRows)
     y = torch.empty_like(xk)
-    mean, var, invstd = new_stats(plan.stats_shape, cd)
+    mean, var, invstd = new_stats(p.stats_shape, cd)
     _check(lib.nl_bn_rows_forward(DTYPE_CODES[x.dtype], act, xk.data_ptr(), y.data_ptr(),
-                                  d["N"], d["C"], d["S"], w.data_ptr(), b.data_ptr(), float(eps),
+                                  p.N, p.C, p.S, w.data_ptr(), b.data_ptr(), float(eps),
                                   mean.data_ptr(), var.data_ptr(), invstd.data_ptr()),
            "bn_rows_forward")
     return y, mean, var, invstd
@@ -347,34 +249,33 @@ def _backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias:
               mean: Tensor, invstd: Tensor, layout: Any, batch_stats: bool,
               needs: tuple[bool, bool, bool], act: int = 0,
               dextra: Tensor | None = None) -> tuple[Tensor | None, ...] | None:
-    plan = _plan(op, x, layout, not batch_stats)
-    if plan is None:
+    p = plan(op, x, layout, not batch_stats)
+    if p is None:
         return None
     lib = _build.library(DTYPE_CODES[x.dtype], act != 0)
     if lib is None:
         return None
-    xk = plan.input(x)
+    xk = p.input(x)
     cd = mean.dtype
-    w = _param(weight, plan.nparam, cd, 1.0)
-    b = _param(bias, plan.nparam, cd, 0.0)
-    d = plan.dims
-    dy = grad_out if plan.kind == "col" else kernels.like(xk, grad_out)
-    if plan.kind == "row":
+    w = _param(weight, p.nparam, cd, 1.0)
+    b = _param(bias, p.nparam, cd, 0.0)
+    dy = grad_out if isinstance(p, Columns) else kernels.like(xk, grad_out)
+    if isinstance(p, Rows):
         de = None if dextra is None else kernels.like(xk, dextra)
-        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, d["R"], d["K"], d["S"],
-                                   d["Gp"], 0, layout.center, batch_stats, needs[0], act, de)
-    elif plan.kind == "row_fixed":
-        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, d["R"], d["K"], d["S"],
-                                   d["Gp"], d["smod"], True, False, needs[0], act)
-    elif plan.kind == "col":
-        dx, gw, gb = _col_backward(lib, dy, xk, w, b, mean, invstd, d["O"], d["P"], d["C"],
-                                   d["G"], batch_stats, needs[0], act, d.get("nchan", 1))
-    else:  # bn_rows
+        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, p.R, p.K, p.S, p.Gp, 0,
+                                   layout.center, batch_stats, needs[0], act, de)
+    elif isinstance(p, FixedRows):
+        dx, gw, gb = _row_backward(lib, dy, xk, w, b, mean, invstd, p.R, p.K, p.S, p.Gp, p.smod,
+                                   True, False, needs[0], act)
+    elif isinstance(p, Columns):
+        dx, gw, gb = _col_backward(lib, dy, xk, w, b, mean, invstd, p.O, p.P, p.C, p.G,
+                                   batch_stats, needs[0], act, p.nchan)
+    else:  # ChannelRows
         dx = torch.empty_like(xk) if needs[0] else None
-        gw, gb = torch.empty(d["C"], dtype=cd), torch.empty(d["C"], dtype=cd)
+        gw, gb = torch.empty(p.C, dtype=cd), torch.empty(p.C, dtype=cd)
         mean, invstd = _flat(mean), _flat(invstd)  # held: a temporary's pointer would dangle
         _check(lib.nl_bn_rows_backward(DTYPE_CODES[x.dtype], act, dy.data_ptr(),
-                                       xk.data_ptr(), _ptr(dx), d["N"], d["C"], d["S"],
+                                       xk.data_ptr(), _ptr(dx), p.N, p.C, p.S,
                                        w.data_ptr(), b.data_ptr(), mean.data_ptr(),
                                        invstd.data_ptr(), gw.data_ptr(), gb.data_ptr()),
                "bn_rows_backward")

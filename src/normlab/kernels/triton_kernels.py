@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from normlab import kernels
-from normlab.kernels import cpu, triton_columns
+from normlab.kernels import cpu, problems, triton_columns
 from normlab.kernels.triton_activations import act_fwd, act_grad
 
 __all__ = ["backward", "forward", "supported"]
@@ -440,19 +440,18 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     """The kernel forward (reference output format), or None to use the reference."""
     if not supported(x):
         return None
-    plan = cpu._plan(op, x, layout, stats is not None)
-    if plan is None or (residual is not None and plan.kind != "row"):
+    plan = problems.plan(op, x, layout, stats is not None)
+    if plan is None or (residual is not None and not isinstance(plan, problems.Rows)):
         return None
-    d = plan.dims
     dev = x.device
     f32 = torch.float32
     given = None if stats is None else cpu.fixed_stats(stats, f32)
     w = cpu._param(weight, plan.nparam, f32, 1.0, dev)
     b = cpu._param(bias, plan.nparam, f32, 0.0, dev)
-    if plan.kind == "col":  # channels_last: the column kernels
-        return triton_columns.col_forward(x, w, b, d["O"], d["P"], d["C"], d["G"], eps,
+    if isinstance(plan, problems.Columns):  # channels_last: the column kernels
+        return triton_columns.col_forward(x, w, b, plan.O, plan.P, plan.C, plan.G, eps,
                                           plan.stats_shape, given, act)
-    K, S = d.get("K", 1), d["S"]
+    K, S = plan.K, plan.S
     blocks = _blocks(K, S)
     if blocks is None:
         return None
@@ -460,26 +459,27 @@ def forward(op: str, x: Tensor, weight: Tensor | None, bias: Tensor | None, layo
     y = torch.empty_like(xc)
     common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1],
               "num_warps": _warps(blocks)}
-    if plan.kind == "row":
-        R = d["R"]
+    if isinstance(plan, problems.Rows):
+        R = plan.R
         mean, var, invstd = cpu.new_stats(plan.stats_shape, f32, dev)
         res = None if residual is None else residual.contiguous()
         s = torch.empty_like(xc) if residual is not None else None
         _row_forward_kernel[(R,)](
             xc, res if res is not None else xc, s if s is not None else y, y, w, b, mean, var,
-            invstd, K, S, d["Gp"], R, float(eps), CENTER=layout.center,
+            invstd, K, S, plan.Gp, R, float(eps), CENTER=layout.center,
             HAS_RES=residual is not None, FIXED=False, STATS_ONLY=False, **common)
         out = (y, mean, var, invstd)
         return (*out, s) if residual is not None else out
-    if plan.kind == "row_fixed":
+    if isinstance(plan, problems.FixedRows):
         assert given is not None
         mean, var, invstd = given
-        _row_forward_kernel[(d["R"],)](
-            xc, xc, y, y, w, b, mean, var, invstd, K, S, d["Gp"], d["smod"], float(eps),
+        _row_forward_kernel[(plan.R,)](
+            xc, xc, y, y, w, b, mean, var, invstd, K, S, plan.Gp, plan.smod, float(eps),
             CENTER=True, HAS_RES=False, FIXED=True, STATS_ONLY=False, **common)
         return y, mean, var, invstd
-    # bn_rows: per-row moments, Chan merge per channel, then normalize with the merged statistics.
-    N, C = d["N"], d["C"]
+    # ChannelRows: per-row moments, Chan merge per channel, then normalize with the merged
+    # statistics.
+    N, C = plan.N, plan.C
     R = N * C
     rm, rv = torch.empty(2, R, device=dev, dtype=f32).unbind(0)
     _row_forward_kernel[(R,)](xc, xc, y, y, w, b, rm, rv, rv, 1, S, C, R, 0.0, CENTER=True,
@@ -498,16 +498,15 @@ def backward(op: str, grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: 
     """The kernel backward ``(dx, grad_weight, grad_bias)``, or None to use the reference."""
     if not supported(x):
         return None
-    plan = cpu._plan(op, x, layout, not batch_stats)
+    plan = problems.plan(op, x, layout, not batch_stats)
     if plan is None:
         return None
-    d = plan.dims
     f32 = torch.float32
     w = cpu._param(weight, plan.nparam, f32, 1.0, x.device)
     b = cpu._param(bias, plan.nparam, f32, 0.0, x.device)
-    if plan.kind == "col":
-        dx, gw, gb = triton_columns.col_backward(grad_out, x, w, b, mean, invstd, d["O"],
-                                                 d["P"], d["C"], d["G"], batch_stats, needs[0],
+    if isinstance(plan, problems.Columns):
+        dx, gw, gb = triton_columns.col_backward(grad_out, x, w, b, mean, invstd, plan.O,
+                                                 plan.P, plan.C, plan.G, batch_stats, needs[0],
                                                  act)
     else:
         grads = _rows_backward(plan, plan.input(x), layout, grad_out, w, b, mean, invstd,
@@ -526,8 +525,7 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
     """(dx, gw, gb) for the row plans, parameter gradients summed to ``(nparam,)``; None when a
     row is too long for the kernels. gb may be None when ``needs[2]`` is off."""
     need_dx = needs[0]
-    d = plan.dims
-    K, S = d.get("K", 1), d["S"]
+    K, S = plan.K, plan.S
     blocks = _blocks(K, S)
     if blocks is None:
         return None
@@ -536,9 +534,10 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
     mean, invstd = cpu._flat(mean), cpu._flat(invstd)
     dx = torch.empty_like(xc) if need_dx else None
     warps = _warps(blocks)
-    if plan.kind == "row" and S == 1 and d["Gp"] == 1:  # layer/RMS norm (and add+norm) rows
+    rows = isinstance(plan, problems.Rows)
+    if rows and S == 1 and plan.Gp == 1:  # layer/RMS norm (and add+norm) rows
         de = None if dextra is None else kernels.like(xc, dextra)
-        R = d["R"]
+        R = plan.R
         if blocks[0] >= _WIDE_ROW:
             if needs[2] or act != 0:  # a fifth row-wide vector: column blocks
                 return _wide_rows_backward(layout, dy, xc, de, dx, w, b, mean, invstd, R, K,
@@ -555,8 +554,7 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
             num_warps=warps)
         return (dx, *_summed(parts, needs[2]))
     assert dextra is None, "a residual gradient only comes with layer/RMS rows"
-    R = d["R"] if "R" in d else d["N"] * d["C"]
-    Gp = d.get("Gp", d.get("C", 1))
+    R, Gp = plan.R, plan.Gp
     common = {"ACT": act, "BLOCK_K": blocks[0], "BLOCK_S": blocks[1], "num_warps": warps}
 
     # per-row partial parameter gradients, [R, K] each, reused by every launch below
@@ -570,8 +568,9 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
             Gp, smod, CENTER=layout.center, MODE=mode, NEED_DX=need_dx and dx is not None,
             **common)
 
-    if plan.kind == "bn_rows":  # per-row sums, reduced per channel, then the batch-stat terms
-        N, C = d["N"], d["C"]
+    if isinstance(plan, problems.ChannelRows):
+        # per-row sums, reduced per channel, then the batch-stat terms
+        N, C = plan.N, plan.C
         launch(1, C, False)
         gw, gb, c1, c2 = torch.empty(4, C, device=dev, dtype=f32).unbind(0)
         _bn_grad_sums_kernel[(C,)](pdw, pdb, w, gw, gb, c1, c2, N, C, 1.0 / (N * S),
@@ -579,16 +578,16 @@ def _rows_backward(plan: Any, xc: Tensor, layout: Any, grad_out: Tensor, w: Tens
         if dx is not None:  # rewrites the partials, which the sums (same stream) have read
             launch(2, C, True, c1, c2)
         return dx, gw, gb
-    if plan.kind == "row" and batch_stats and blocks[0] * blocks[1] > _LOOP_TILE:
+    if rows and batch_stats and blocks[0] * blocks[1] > _LOOP_TILE:
         chunk = max(1, min(blocks[1], _LOOP_CHUNK // blocks[0]))
         _row_backward_looped_kernel[(R,)](
             dy, xc, dx if dx is not None else dy, w, b, mean, invstd, pdw, pdb, K, S, Gp,
             CENTER=layout.center, NEED_DX=dx is not None, ACT=act, BLOCK_K=blocks[0],
             CHUNK_S=chunk, num_warps=_warps((blocks[0], chunk)))
-    elif plan.kind == "row":
+    elif rows:
         launch(0 if batch_stats else 1, R, True)
-    else:  # row_fixed
-        launch(1, d["smod"], True)
+    else:  # FixedRows
+        launch(1, plan.smod, True)
     # stage 2 of the parameter gradients: a fixed-order sum over samples
     # two sums, not one and an unbind: outputs of an op may not be views of one tensor
     parts = parts.view(2, -1, plan.nparam)
