@@ -16,7 +16,10 @@ the samples of *all* ranks:
         - \hat x\,\tfrac1N \sum \frac{\partial L}{\partial y}\,\hat x\Bigr)
 
 so one all-reduce of the two per-channel sums :math:`\sum \partial L/\partial y` and
-:math:`\sum \partial L/\partial y\cdot\hat x` serves every rank. The weight and bias gradients are
+:math:`\sum \partial L/\partial y\cdot\hat x` serves every rank. Both directions run through
+normlab's kernels: reduce (local moments; in the backward, the fixed-statistics backward kernel's
+parameter sums), exchange, then apply (the fixed-statistics normalize kernel; in the backward, a
+per-channel affine correction of that kernel's :math:`\gamma r\,\partial L/\partial y`). The weight and bias gradients are
 those same sums taken over the *local* samples only: summed over ranks they give the full-batch
 gradient, and ``DistributedDataParallel`` (which averages parameter gradients) sees what it sees
 for torch's ``SyncBatchNorm``.
@@ -32,8 +35,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn import Module
 
 from normlab.distributed import all_gather_moments, all_reduce_sum, is_distributed
+from normlab.functional import _ops
 from normlab.functional import _validate as v
-from normlab.functional._normalize import normalize_forward
 from normlab.functional.batch_norm import batch_norm_layout, commit_running_stats, count_batch
 from normlab.functional.moments import Moments, moments
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
@@ -75,8 +78,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 f"{torch.distributed.get_world_size(group)} ranks of the process group (input "
                 f"size {list(x.shape)} on this rank); use a larger batch, or GroupNorm/LayerNorm"
             )
-        stats = (total.mean.view(layout.param_shape), total.var().view(layout.param_shape))
-        out, mean, var, invstd = normalize_forward(x, weight, bias, layout, eps, stats)
+        # Apply: the fixed-statistics normalize kernel (one sweep, as eval-mode batch norm).
+        stats = (total.mean, total.var())
+        out, mean, var, invstd = _ops._forward_kernel(x, weight, bias, layout, eps, stats, None,
+                                                      "batch_norm")
+        mean, var, invstd = (t.reshape(layout.param_shape) for t in (mean, var, invstd))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.layout, ctx.count, ctx.group, ctx.op = layout, count, group, op
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -89,24 +95,28 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[Any, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
         layout = ctx.layout
-        dims = list(layout.reduce_dims)
-        go = grad_out.to(mean.dtype)
-        x_hat = (x.to(mean.dtype) - mean).mul_(invstd)
-        sum_go = go.sum(dims)
-        sum_go_xhat = (go * x_hat).sum(dims)
+        cd = mean.dtype
+        # Reduce: the fixed-statistics backward kernel gives the local sums sum(dy * x_hat) and
+        # sum(dy) as its parameter gradients, and dy * weight * invstd, in one sweep (a stand-in
+        # weight of ones where there is none: the sums are needed either way).
+        w = weight if weight is not None else torch.ones(x.shape[1], dtype=cd, device=x.device)
+        partial, sum_go_xhat, sum_go = _ops._backward_kernel(
+            grad_out, x, w, None, mean, invstd, layout, False,
+            (ctx.needs_input_grad[0], True, True), None, "batch_norm")
+        sum_go_xhat, sum_go = sum_go_xhat.reshape(-1).to(cd), sum_go.reshape(-1).to(cd)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            # Every rank, empty ones too, must join this all-reduce.
+            # All-reduce (every rank, empty ones too, must join), then apply the batch-statistics
+            # terms: dx = w r (dy - mean(dy) - x_hat mean(dy x_hat)) = partial - (a + b x), with
+            # per-channel a = w r (mean(dy) - mu r mean(dy x_hat)) and b = w r^2 mean(dy x_hat).
             sums = all_reduce_sum(ctx.op, torch.cat([sum_go, sum_go_xhat]), ctx.group)
             mean_go, mean_go_xhat = (
                 s.view(layout.param_shape) / max(ctx.count, 1) for s in sums.chunk(2)
             )
-            scale = (
-                invstd
-                if weight is None
-                else invstd * weight.to(mean.dtype).view(layout.param_shape)
-            )
-            grad_input = (go - mean_go).sub_(x_hat.mul_(mean_go_xhat)).mul_(scale).to(x.dtype)
+            scale = invstd * w.to(cd).view(layout.param_shape)
+            a = scale * (mean_go - mean * invstd * mean_go_xhat)
+            b = scale * invstd * mean_go_xhat
+            grad_input = (partial.to(cd) - torch.addcmul(a, b, x.to(cd))).to(x.dtype)
         if ctx.needs_input_grad[1] and weight is not None:
             grad_weight = sum_go_xhat.to(weight.dtype)
         if ctx.needs_input_grad[2] and ctx.bias_dtype is not None:
