@@ -602,3 +602,15 @@ def test_bfloat16_models_compile_and_export(name, mode):
     # differently, and what is under test is that compiling changes nothing.
     for g, w in zip(grads, _step(eager, x)[1]):
         torch.testing.assert_close(g, w, **tol)
+
+
+def test_onnx_opset_23_writes_rms_normalization():
+    # RMSNormalization is an ONNX operator from opset 23 on; below it RMS norm is its arithmetic.
+    import onnxruntime
+
+    ours, oracle, x = _pair("RMSNorm", "eval")
+    program = torch.onnx.export(ours, (x,), dynamo=True, opset_version=23, verbose=False)
+    assert "RMSNormalization" in {n.op_type for n in program.model_proto.graph.node}
+    session = onnxruntime.InferenceSession(program.model_proto.SerializeToString())
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), oracle(x).detach(), atol=1e-5, rtol=1e-4)
