@@ -23,6 +23,11 @@ the statistics recomputed from them, so second derivatives see every path throug
 the variance. Under ``torch.func`` transforms (vmap, grad, jacrev, jvp) and forward-mode AD the
 public functions run the reference math directly (plain aten ops, which every transform knows).
 
+Eager calls on plain tensors (no tracer, no dispatch mode, no subclass, no meta tensor) run the
+same kernel functions and autograd formula without the dispatcher round trip, which from Python
+costs more than a small normalization (``benchmarks/cpu_notes.md``, session 7); everything else
+takes the op.
+
 Output conventions (what the fake kernels promise): ``out`` and ``grad_input`` have the strides
 ``torch.empty_like(x)`` gives; statistics are contiguous in the compute dtype with the input's
 shape and size 1 along ``reduce_dims`` (with fixed statistics: ``param_shape``, and ``var`` is
@@ -43,7 +48,8 @@ from normlab import kernels
 from normlab.functional import _normalize as ref
 from normlab.functional.moments import compute_dtype
 
-__all__ = ["add_normalize", "commit_flag", "normalize", "reference_math_active"]
+__all__ = ["add_normalize", "commit_flag", "kernel_backward", "kernel_forward", "normalize",
+           "reference_math_active"]
 
 _NORM_ARGS = "int[] reduce_dims, int[] param_shape, bool center"
 
@@ -102,7 +108,7 @@ def _like_input(x: Tensor, out: Tensor) -> Tensor:
 # normalize
 
 
-def _forward_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
+def kernel_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
                     eps: float, stats: tuple[Tensor, Tensor] | None, activation: str | None,
                     kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kernel's (or the reference's) forward outputs as they come: with fixed statistics
@@ -114,7 +120,7 @@ def _forward_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None, layou
                 activation)
 
 
-def _backward_kernel(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+def kernel_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                      mean: Tensor, invstd: Tensor, layout: ref.Layout, batch_stats: bool,
                      needs: tuple[bool, bool, bool], activation: str | None,
                      kind: str) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -135,8 +141,8 @@ def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduc
                     kind: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     layout = _layout_of(reduce_dims, param_shape, center)
     stats = None if fixed_mean is None or fixed_var is None else (fixed_mean, fixed_var)
-    out, mean, var, invstd = _forward_kernel(x, weight, bias, layout, eps, stats, activation,
-                                             kind)
+    out, mean, var, invstd = kernel_forward(x, weight, bias, layout, eps, stats, activation,
+                                            kind)
     out = _like_input(x, out)
     if stats is not None:
         # Outputs never alias inputs: the mean is copied out of the running buffer (its
@@ -211,8 +217,8 @@ def _normalize_backward_op_impl(grad_out: Tensor, x: Tensor, weight: Tensor | No
                            kind: str) -> tuple[Tensor, Tensor, Tensor]:
     layout = _layout_of(reduce_dims, param_shape, center)
     needs = (output_mask[0], output_mask[1], output_mask[2])
-    gi, gw, gb = _backward_kernel(grad_out, x, weight, bias, mean, invstd, layout, batch_stats,
-                                  needs, activation, kind)
+    gi, gw, gb = kernel_backward(grad_out, x, weight, bias, mean, invstd, layout, batch_stats,
+                                 needs, activation, kind)
     return _grads_out(x, weight, bias, gi, gw, gb, needs)
 
 
@@ -510,8 +516,8 @@ class _EagerNormalize(torch.autograd.Function):
         # backward reads the invstd computed from it, always a new tensor).
         stats = None if fixed_mean is None or fixed_var is None else (fixed_mean.clone(),
                                                                       fixed_var)
-        out, mean, var, invstd = _forward_kernel(x, weight, bias, layout, eps, stats, activation,
-                                                 kind)
+        out, mean, var, invstd = kernel_forward(x, weight, bias, layout, eps, stats, activation,
+                                                kind)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.config = (layout, eps, activation, kind, stats is None)
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
@@ -530,8 +536,8 @@ class _EagerNormalize(torch.autograd.Function):
             grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
                 x, w, b, layout, eps, fixed, activation))
             return (*grads, *none7)
-        gi, gw, gb = _backward_kernel(grad_out, x, weight, bias, mean, invstd, layout,
-                                      batch_stats, needs, activation, kind)
+        gi, gw, gb = kernel_backward(grad_out, x, weight, bias, mean, invstd, layout,
+                                     batch_stats, needs, activation, kind)
         if gb is not None and ctx.bias_meta is not None:
             gb = kernels.as_param_grad(gb, *ctx.bias_meta)
         return (gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
@@ -596,8 +602,8 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, la
                                     activation, op, stats_out)
         mean, var = stats_out[0], stats_out[1]
     else:  # inference: the kernel without an autograd node (its set-up costs more)
-        out, mean, var, _invstd = _forward_kernel(x, weight, bias, layout, eps, stats,
-                                                  activation, op)
+        out, mean, var, _invstd = kernel_forward(x, weight, bias, layout, eps, stats,
+                                                 activation, op)
     return out, mean, var
 
 

@@ -80,7 +80,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             )
         # Apply: the fixed-statistics normalize kernel (one sweep, as eval-mode batch norm).
         stats = (total.mean, total.var())
-        out, mean, var, invstd = _ops._forward_kernel(x, weight, bias, layout, eps, stats, None,
+        out, mean, var, invstd = _ops.kernel_forward(x, weight, bias, layout, eps, stats, None,
                                                       "batch_norm")
         mean, var, invstd = (t.reshape(layout.param_shape) for t in (mean, var, invstd))
         ctx.save_for_backward(x, weight, mean, invstd)
@@ -100,7 +100,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         # sum(dy) as its parameter gradients, and dy * weight * invstd, in one sweep (a stand-in
         # weight of ones where there is none: the sums are needed either way).
         w = weight if weight is not None else torch.ones(x.shape[1], dtype=cd, device=x.device)
-        partial, sum_go_xhat, sum_go = _ops._backward_kernel(
+        partial, sum_go_xhat, sum_go = _ops.kernel_backward(
             grad_out, x, w, None, mean, invstd, layout, False,
             (ctx.needs_input_grad[0], True, True), None, "batch_norm")
         sum_go_xhat, sum_go = sum_go_xhat.reshape(-1).to(cd), sum_go.reshape(-1).to(cd)
