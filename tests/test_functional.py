@@ -238,3 +238,37 @@ def test_forward_mode_ad_matches_torch():
                 tangents.append(fwAD.unpack_dual(out).tangent)
         assert tangents[0] is not None
         torch.testing.assert_close(tangents[0], tangents[1], atol=1e-5, rtol=1e-4)
+
+
+def test_negative_views_give_torch_values():
+    # A negative view's memory holds the other sign (torch._neg_view, conj of real views): the
+    # eager path must not hand that memory to a kernel as it is.
+    from normlab.functional import fused
+
+    g = torch.Generator().manual_seed(0)
+    x, w, r = torch.randn(4, 8, generator=g), torch.randn(8, generator=g), torch.randn(4, 8, generator=g)
+    tn = torch.nn.functional
+    torch.testing.assert_close(F.layer_norm(torch._neg_view(x), (8,)), tn.layer_norm(-x, (8,)))
+    torch.testing.assert_close(F.layer_norm(x, (8,), torch._neg_view(w)), tn.layer_norm(x, (8,), -w))
+    torch.testing.assert_close(F.batch_norm(torch._neg_view(x), None, None, training=True),
+                               tn.batch_norm(-x, None, None, training=True))
+    torch.testing.assert_close(fused.add_layer_norm(torch._neg_view(x), r, 8)[0],
+                               tn.layer_norm(-x + r, (8,)))
+    for upstream in (lambda y: torch._neg_view(y), lambda y: y):  # a negative gradient too
+        xi, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        (ga,) = torch.autograd.grad(upstream(F.layer_norm(xi, (8,))), xi, torch.ones(4, 8))
+        (gb,) = torch.autograd.grad(upstream(tn.layer_norm(xt, (8,))), xt, torch.ones(4, 8))
+        torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_running_buffers_that_require_grad_are_refused(training):
+    # torch refuses them too: their gradient would be dropped, and training would write a leaf.
+    rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3)
+    with pytest.raises(ValueError, match="running_mean requires grad"):
+        F.batch_norm(torch.randn(4, 3), rm, rv, training=training)
+    with pytest.raises(ValueError, match="running_var requires grad"):
+        F.instance_norm(torch.randn(2, 3, 5), torch.zeros(3), torch.ones(3, requires_grad=True))
+    assert torch.equal(rm.detach(), torch.zeros(3))
+    with torch.no_grad():  # no graph being built: nothing to drop, as in torch
+        F.batch_norm(torch.randn(4, 3), rm, rv, training=training)

@@ -76,6 +76,13 @@ def _run(kind: str, reference: kernels.Kernel, method: str, *args: Any,
     return out
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """`t` contiguous with its negative bit resolved (what a kernel reading its memory needs)."""
+    if t is None:
+        return None
+    return (t.resolve_neg() if t.is_neg() else t).contiguous()
+
+
 def _plain_kind(kind: str, activation: str | None) -> str:
     """A norm + activation kind without an activation is the plain norm (its kernels take no
     activation argument)."""
@@ -126,6 +133,8 @@ def kernel_backward(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Te
                      kind: str) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The kernel's (or the reference's) ``(grad_input, grad_weight, grad_bias)``, the bias
     gradient as summed (not yet in the bias's shape)."""
+    if grad_out.is_neg():  # a negative view's memory holds the other sign
+        grad_out = grad_out.resolve_neg()
     grad_out = kernels.like(x, grad_out)
     kind = _plain_kind(kind, activation)
     if activation is None:
@@ -485,8 +494,10 @@ def _eager(*tensors: Tensor | None) -> bool:
             torch._C._len_torch_dispatch_stack():
         return False
     # A loop rather than all() over a generator: this runs on every call (1 us against 0.4).
+    # Negative and conjugate views hold other values than their memory: the dispatcher resolves
+    # them for the op; a kernel handed their pointer would read the raw values.
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+        if t is not None and (type(t) not in _PLAIN or t.is_meta or t.is_neg() or t.is_conj()):
             break
     else:
         return True
@@ -572,9 +583,8 @@ class _EagerAddNormalize(torch.autograd.Function):
             gs, gw, gb = _add_reference_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
                                               activation, needs)
         else:
-            gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward",
-                              None if grad_out is None else grad_out.contiguous(),
-                              None if grad_sum is None else grad_sum.contiguous(), s, weight,
+            gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward", _dense(grad_out),
+                              _dense(grad_sum), s, weight,
                               bias, mean, invstd, layout, needs, activation, select_on=s)
             if gb is not None and ctx.bias_meta is not None:
                 gb = kernels.as_param_grad(gb, *ctx.bias_meta)

@@ -43,6 +43,22 @@ def check_param(op: str, name: str, param: Tensor | None, x: Tensor, shape: Sequ
         )
 
 
+def check_running_buffers(op: str, running_mean: Tensor | None,
+                          running_var: Tensor | None) -> None:
+    """Running statistics are buffers, never differentiated through: one that requires a
+    gradient would have it silently dropped (and training would update a leaf in place), so it
+    is refused, as torch's norms refuse it."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{op}: {name} requires grad, but running statistics are buffers that are not "
+                "differentiated through; pass a tensor without requires_grad (e.g. "
+                f"{name}.detach()) or register it as a buffer"
+            )
+
+
 def check_eps(op: str, eps: float) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")

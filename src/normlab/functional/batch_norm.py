@@ -232,6 +232,7 @@ def check_batch_norm_args(
         v.check_param(op, name, t, input, (c,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    v.check_running_buffers(op, running_mean, running_var)
     if not training and running_mean is None:
         raise ValueError(
             f"{op}: evaluation (training=False) normalizes with running statistics, "

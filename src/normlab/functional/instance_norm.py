@@ -58,6 +58,7 @@ def instance_norm(
         v.check_param(op, name, t, input, (c,))
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    v.check_running_buffers(op, running_mean, running_var)
     spatial = tuple(range(2, input.dim()))
     param_shape = (1, c, *(1,) * len(spatial))
     if not use_input_stats:
