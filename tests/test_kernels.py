@@ -420,7 +420,8 @@ def test_a_kernel_registered_after_a_selection_is_chosen(monkeypatch) -> None:
 def test_missing_compiler_falls_back_with_one_warning(monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path) -> None:
     monkeypatch.setattr(_build, "_libs", {})
-    monkeypatch.setattr(_build, "_failed", None)
+    monkeypatch.setattr(_build, "_failed", {})
+    monkeypatch.setattr(_build, "_warned", set())
     monkeypatch.setenv("NORMLAB_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     x = torch.randn(4, 8)
@@ -546,3 +547,84 @@ def test_running_stats_kernel_hands_mixed_dtypes_to_the_reference() -> None:
     assert cpu.running_stats(rm, rv, torch.ones(1, 3), torch.ones(1, 3), 4, 0.5, True) is None
     assert _ops.commit_flag(rm, rv, torch.ones(1, 3), torch.ones(1, 3), 4, 0.5, True) is True
     torch.testing.assert_close(rm, torch.full((3,), 0.5, dtype=torch.float16))
+
+
+def test_a_damaged_cached_library_is_rebuilt_not_mapped(tmp_path) -> None:
+    # A library cut short (partial copy, full disk, power loss) used to kill every later process
+    # with SIGBUS on its first kernel call; run in a subprocess so that a crash fails this test.
+    built, _cmd = _build._target(0, False)
+    assert _build.intact(built)
+    env = {**os.environ, "NORMLAB_CACHE_DIR": str(tmp_path)}
+    code = textwrap.dedent("""
+        import torch, normlab.functional as F
+        from normlab.kernels import _build
+        x = torch.randn(64, 1024)
+        y = F.layer_norm(x, (1024,))
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (1024,)))
+        assert (0, False) in _build._libs and _build.available()
+        print("ok")
+    """)
+    target = tmp_path / "kernels" / built.name
+    target.parent.mkdir(parents=True)
+    shutil.copy(built, target)
+    shutil.copy(_build._stamp(built), _build._stamp(target))
+    with open(target, "r+b") as f:  # keep the stamp, cut the library in half
+        f.truncate(target.stat().st_size // 2)
+    assert not _build.intact(target)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+    assert _build.intact(target)  # rebuilt in place, stamped
+
+
+def test_intact_rejects_empty_garbage_and_unstamped_libraries(tmp_path) -> None:
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\x7fELF" + bytes(1000))
+    assert not _build.intact(lib)  # no stamp: a build that did not finish
+    _build._write_durably(_build._stamp(lib), _build._digest(lib).encode())
+    assert _build.intact(lib)
+    lib.write_bytes(b"")
+    assert not _build.intact(lib)
+    lib.write_bytes(b"garbage" * 100)
+    assert not _build.intact(lib)
+
+
+def test_one_failing_variant_leaves_the_others_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_build, "_failed", {})
+    monkeypatch.setattr(_build, "_warned", set())
+    monkeypatch.setattr(_build, "_libs", {k: v for k, v in _build._libs.items() if k != (3, False)})
+    real = _build._compile
+
+    def compile_but_float16(dtype_code: int, act: bool):
+        if dtype_code == 3:
+            raise RuntimeError("compiler failed: float16 is broken here")
+        return real(dtype_code, act)
+
+    monkeypatch.setattr(_build, "_compile", compile_but_float16)
+    x = torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="float16 is broken here"):
+        half = F.layer_norm(x.half(), (8,))
+    torch.testing.assert_close(half, torch.nn.functional.layer_norm(x.half().float(), (8,)).half(),
+                               **TOL[torch.float16])
+    assert _build.library(3) is None and _build.library(0) is not None
+    assert kernels.select("layer_norm", x, None).name == "cpu:layer_norm"
+
+
+def test_an_unwritable_cache_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(_build, "_libs", {})
+    monkeypatch.setattr(_build, "_failed", {})
+    monkeypatch.setattr(_build, "_warned", set())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a cache "directory" below a file cannot be created, even by root
+    monkeypatch.setenv("NORMLAB_CACHE_DIR", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="not writable.*NORMLAB_CACHE_DIR"):
+        out = F.layer_norm(torch.randn(4, 8), (8,))
+    assert out.shape == (4, 8)
+
+
+def test_large_parameter_stand_ins_are_not_kept() -> None:
+    before = cpu._filled_cached.cache_info().currsize
+    big = cpu._filled(1 << 20, torch.float32, 1.0, "cpu")
+    assert cpu._filled(1 << 20, torch.float32, 1.0, "cpu") is not big
+    assert cpu._filled_cached.cache_info().currsize == before
+    assert cpu._filled(8, torch.float32, 1.0, "cpu") is cpu._filled(8, torch.float32, 1.0, "cpu")

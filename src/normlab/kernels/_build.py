@@ -4,8 +4,11 @@ Nothing is compiled at ``import normlab``. The first call that needs a kernel va
 dtype, plain or with a fused activation) compiles it with the system C++ compiler against torch's
 own headers (only ``ATen/Parallel.h``, so a variant takes a few seconds) and caches the shared
 library on disk, keyed by the source, the flags, the torch version and the CPU; later processes
-load it in milliseconds. Builds write to a temporary file and rename it into place, so concurrent
-processes (pytest-xdist workers) never load a half-written library.
+load it in milliseconds. Builds write to a temporary file, flush it to the disk and rename it into
+place, then write a stamp (size and SHA-256) the same way; a library is loaded only when it
+matches its stamp, and rebuilt otherwise, so neither a concurrent process (pytest-xdist workers)
+nor a file damaged later (a partial copy, power loss) is ever mapped. A variant that cannot be
+built runs the reference; the other variants are unaffected.
 
 If the compiler is missing or the build fails, normlab warns once and every op runs on the
 plain-torch reference path. Environment:
@@ -41,7 +44,11 @@ _ABI_VERSION = 3
 
 _lock = threading.Lock()
 _libs: dict[tuple[int, bool], ctypes.CDLL] = {}
-_failed: str | None = None  # reason the build failed; set once
+# Why a variant is unavailable, per variant: one that fails (say float16 on an old compiler)
+# leaves the others working.
+_failed: dict[tuple[int, bool], str] = {}
+_warned: set[str] = set()  # causes already warned about (once per process each)
+_STALE_TMP_SECONDS = 3600  # a temporary library this old was left by a build that was killed
 
 _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _SIGNATURES: dict[str, list] = {
@@ -118,20 +125,88 @@ def _target(dtype_code: int, act: bool) -> tuple[Path, list[str]]:
     return cache_dir() / "kernels" / name, cmd
 
 
+class CacheNotWritable(RuntimeError):
+    """The kernel cache directory cannot be written (read-only, full, or no permission)."""
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return f"{h.hexdigest()} {path.stat().st_size}"
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def intact(path: Path) -> bool:
+    """Whether a cached library is whole: its size and SHA-256 match the stamp written after it
+    reached the disk. A file cut short (a partial copy, a full disk, power loss before the data
+    was written) would kill the process that maps it with SIGBUS; garbage would fail to load."""
+    try:
+        return _stamp(path).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
+def _write_durably(path: Path, data: bytes | None = None, source: str | None = None) -> None:
+    """Put `data` (or the file `source`) at `path` atomically and on the disk: written to a
+    temporary file, flushed with fsync, renamed into place, the directory flushed."""
+    if source is None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data or b"")
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        tmp = source
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    import time
+
+    now = time.time()
+    for tmp in folder.glob("tmp*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+
+
 def _compile(dtype_code: int, act: bool) -> Path:
     path, cmd = _target(dtype_code, act)
-    if path.exists():
+    if path.exists() and intact(path):
         return path
     if shutil.which(cmd[0]) is None:
         raise RuntimeError(f"no C++ compiler found (looked for {cmd[0]!r}; set CXX)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise CacheNotWritable(
+            f"the kernel cache {path.parent} is not writable ({e.strerror or e}); set "
+            "NORMLAB_CACHE_DIR to a writable folder"
+        ) from e
+    _remove_stale_temporaries(path.parent)
     try:
         proc = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiler failed:\n{proc.stderr[-2000:]}")
-        os.replace(tmp, path)  # atomic: other processes see no file or a whole one
+        # The library, then its stamp, each whole on the disk before it is visible: other
+        # processes see no library, an unstamped one (which they rebuild) or a whole one.
+        _write_durably(path, source=tmp)
+        _write_durably(_stamp(path), _digest(path).encode())
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -150,33 +225,45 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """False once a build has failed (then every op uses the reference path)."""
-    return _failed is None
+    """False once a build has failed (that variant, and only it, runs the reference path)."""
+    return not _failed
 
 
 def library(dtype_code: int, act: bool = False) -> ctypes.CDLL | None:
     """The loaded library for one variant, building it on first use; None if unavailable."""
-    global _failed
     key = (dtype_code, act)
     lib = _libs.get(key)
-    if lib is not None or _failed is not None:
+    if lib is not None or key in _failed:
         return lib
     with _lock:
-        if key in _libs or _failed is not None:
+        if key in _libs or key in _failed:
             return _libs.get(key)
         try:
             _libs[key] = _load(_compile(dtype_code, act))
-        except Exception as e:  # no compiler, failed build, unloadable library
-            _failed = str(e)
-            warnings.warn(
-                f"normlab: could not build the C++ CPU kernels ({e}); falling back to the "
-                "plain-torch reference path. Install a C++ compiler (g++/clang++) or set "
-                "NORMLAB_KERNELS=reference to silence this.",
-                UserWarning,
-                stacklevel=3,
-            )
+        except Exception as e:  # no compiler, failed build, unloadable library, unwritable cache
+            _failed[key] = str(e)
+            _warn(e)
             return None
     return _libs[key]
+
+
+def _warn(error: Exception) -> None:
+    if isinstance(error, CacheNotWritable):
+        cause, advice = "cache", "Set NORMLAB_CACHE_DIR to a writable folder"
+    elif "no C++ compiler" in str(error):
+        cause, advice = "compiler", "Install a C++ compiler (g++/clang++)"
+    else:
+        cause, advice = str(error), "Report the error above"
+    if cause in _warned:
+        return
+    _warned.add(cause)
+    warnings.warn(
+        f"normlab: could not build the C++ CPU kernels ({error}); falling back to the "
+        f"plain-torch reference path. {advice}, or set NORMLAB_KERNELS=reference to silence "
+        "this.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def build_variants(variants: list[tuple[int, bool]]) -> None:
@@ -186,7 +273,7 @@ def build_variants(variants: list[tuple[int, bool]]) -> None:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    todo = [v for v in variants if not _target(*v)[0].exists()]
+    todo = [v for v in variants if not intact(_target(*v)[0])]
     if todo:
         with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
             for f in [pool.submit(_compile, *v) for v in todo]:

@@ -33,7 +33,9 @@ ACTIVATIONS = kernels.ACTIVATION_CODES
 
 
 def _applies(x: Tensor) -> bool:
-    return x.is_cpu and x.dtype in DTYPE_CODES and x.layout == torch.strided and _build.available()
+    # Whether this input's variant builds is known per call (library() returns None, and the
+    # kernel declines): one variant that fails leaves the others working.
+    return x.is_cpu and x.dtype in DTYPE_CODES and x.layout == torch.strided
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -45,11 +47,21 @@ def _check(rc: int, name: str) -> None:
         raise RuntimeError(f"normlab CPU kernel {name} rejected its arguments (code {rc})")
 
 
+_FILLED_CACHED_MAX = 1 << 16  # elements: at most 64 stand-ins of 256 KB (float32) stay alive
+
+
 @functools.lru_cache(maxsize=64)
-def _filled(n: int, cdtype: torch.dtype, fill: float, device: str) -> Tensor:
-    # Read-only stand-ins for a missing weight (ones) or bias (zeros), cached: rebuilding them
-    # costs more than a small kernel call.
+def _filled_cached(n: int, cdtype: torch.dtype, fill: float, device: str) -> Tensor:
     return torch.full((n,), fill, dtype=cdtype, device=device)
+
+
+def _filled(n: int, cdtype: torch.dtype, fill: float, device: str) -> Tensor:
+    # Read-only stand-ins for a missing weight (ones) or bias (zeros), cached where small:
+    # rebuilding them costs more than a small kernel call, and caching large ones by count would
+    # hold hundreds of MB after the tensors they served are gone.
+    if n > _FILLED_CACHED_MAX:
+        return torch.full((n,), fill, dtype=cdtype, device=device)
+    return _filled_cached(n, cdtype, fill, device)
 
 
 def _param(p: Tensor | None, n: int, cdtype: torch.dtype, fill: float,
