@@ -628,3 +628,12 @@ def test_large_parameter_stand_ins_are_not_kept() -> None:
     assert cpu._filled(1 << 20, torch.float32, 1.0, "cpu") is not big
     assert cpu._filled_cached.cache_info().currsize == before
     assert cpu._filled(8, torch.float32, 1.0, "cpu") is cpu._filled(8, torch.float32, 1.0, "cpu")
+
+
+def test_temporaries_of_killed_builds_are_removed(tmp_path) -> None:
+    old, fresh = tmp_path / "tmpabc.so", tmp_path / "tmpdef.so"
+    old.write_bytes(b"half a library")
+    fresh.write_bytes(b"a build in progress")
+    os.utime(old, (0, 0))  # from a build killed long ago
+    _build._remove_stale_temporaries(tmp_path)
+    assert not old.exists() and fresh.exists()
