@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 import torch
 
 from normlab import bench
@@ -99,3 +100,18 @@ def test_bench_tiny_times_host_bound_shapes_on_every_op(tmp_path) -> None:
     data = json.loads(out.read_text())
     assert data["meta"]["tiny"] is True
     assert {tuple(r["shape"]) for r in data["results"]} == {(2, 32, 4, 4)}
+
+
+
+@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--repeats", "-1"], ["--min-time", "nan"],
+                                 ["--min-time", "inf"], ["--min-time", "-1"],
+                                 ["--threads", "-2"], ["--threads", "0"], ["--device", "tpu"],
+                                 ["--json", "/no/such/dir/x.json"], ["--json", "."]])
+def test_bad_options_exit_2_with_one_line_before_anything_runs(bad, capsys) -> None:
+    from normlab import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--quick", *bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and bad[0] in err and "Traceback" not in err, err

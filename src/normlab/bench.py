@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import statistics
 import sys
@@ -419,18 +421,54 @@ def _print_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> None:
 # CLI
 
 
+def _count(text: str) -> int:
+    """A positive integer option (repeats, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (0: one call per timed sample)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _json_path(text: str) -> str:
+    """A file the results can be written to, checked before anything runs."""
+    path = os.path.abspath(text)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} is not writable")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``normlab bench``'s options to `parser`."""
     parser.add_argument("--quick", action="store_true",
                         help="small shapes and few rounds (a smoke run, seconds)")
     parser.add_argument("--ops", nargs="+", default=None, metavar="OP",
                         help="only these ops (e.g. layer_norm rms_norm batch_norm)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32",
                         choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=_count, default=None,
                         help="interleaved rounds per provider (default 7, quick 3)")
-    parser.add_argument("--min-time", type=float, default=None,
+    parser.add_argument("--min-time", type=_seconds, default=None,
                         help="seconds per timed sample (default 0.05, quick 0.002)")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of the torch.nn twin (slow to compile)")
@@ -438,14 +476,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="host-bound shapes instead (8x64 rows, 2x32x4x4 images): times the "
                              "per-call overhead of Python, dispatch and allocation")
     parser.add_argument("--forward-only", action="store_true", help="skip forward+backward")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_count, default=None,
                         help="torch.set_num_threads before timing (default: torch's)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc only: freed memory stays in the process (no mmap per large "
                              "tensor, no heap trimming), so no timed call pays for fresh pages; "
                              "the same for every provider, as under a caching allocator")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, metavar="PATH", help="write all results here")
+    parser.add_argument("--json", default=None, type=_json_path, metavar="PATH",
+                        help="write all results here")
 
 
 def _keep_freed_memory() -> bool:
