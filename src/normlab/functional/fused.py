@@ -15,10 +15,11 @@ kernel applies (see :mod:`normlab.kernels`), and saves only what the plain norm 
   saved input and statistics instead of saving it, then runs the norm's backward on
   :math:`\partial L/\partial z = \phi'(z)\,\partial L/\partial y`.
 
-The reference implementations below compose the primitive of
-:mod:`normlab.functional._normalize` with a hand-written backward; fast kernels register for the
-op names ``"add_layer_norm"``, ``"add_rms_norm"``, ``"batch_norm_act"`` and ``"group_norm_act"``
-with these reference signatures.
+The reference implementations (``norm_act_forward``/``_backward``, ``add_norm_forward``/
+``_backward``) live with the primitive in :mod:`normlab.functional._normalize`; the ops are
+``torch.ops.normlab.normalize`` (with ``activation=``) and ``torch.ops.normlab.add_normalize``;
+fast kernels register for the kinds ``"add_layer_norm"``, ``"add_rms_norm"``,
+``"batch_norm_act"`` and ``"group_norm_act"``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import torch
 from torch import Tensor
 
 from normlab.functional import _validate as v
-from normlab.functional._normalize import (
+
+# The fused ops' references live with the primitive; re-exported here under their old names.
+from normlab.functional._normalize import (  # noqa: F401
     ACTIVATIONS,
     ADD_NORM_REFERENCE,
     NORM_ACT_REFERENCE,
@@ -51,9 +54,7 @@ from normlab.functional.moments import compute_dtype
 
 __all__ = ["ACTIVATIONS", "add_layer_norm", "add_rms_norm", "batch_norm_act", "group_norm_act"]
 
-# The references live with the primitive; these names are where tests and kernels look them up.
 _ADD_NORM_REFERENCE, _NORM_ACT_REFERENCE = ADD_NORM_REFERENCE, NORM_ACT_REFERENCE
-_REFERENCES = (add_norm_backward, add_norm_forward, norm_act_backward, norm_act_forward)
 
 
 def _check_activation(op: str, activation: str | None) -> None:
