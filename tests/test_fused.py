@@ -301,12 +301,12 @@ def test_errors_name_the_problem() -> None:
 def test_kernels_registered_for_fused_ops() -> None:
     x = torch.randn(2, 3)
     for op in ("add_layer_norm", "add_rms_norm", "batch_norm_act", "group_norm_act"):
-        kernel = kernels.select(op, x, FF._NORM_ACT_REFERENCE)
+        kernel = kernels.select(op, x, FF.NORM_ACT_REFERENCE)
         assert kernel.name == f"cpu:{op}"
     with contextlib.ExitStack() as stack:
         stack.enter_context(kernels.use_reference())
-        assert kernels.select("batch_norm_act", x, FF._NORM_ACT_REFERENCE) is \
-            FF._NORM_ACT_REFERENCE
+        assert kernels.select("batch_norm_act", x, FF.NORM_ACT_REFERENCE) is \
+            FF.NORM_ACT_REFERENCE
 
 
 @pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler to build the CPU kernels")

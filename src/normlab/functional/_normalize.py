@@ -77,13 +77,24 @@ def normalize_forward(
     else:
         mean, var = (s.to(cdtype).reshape(layout.param_shape) for s in stats)
     invstd = (var + eps).rsqrt()
-    xc = x.to(cdtype)
-    out = (xc - mean).mul_(invstd) if layout.center else xc * invstd
-    if weight is not None:
-        out.mul_(weight.to(cdtype).view(layout.param_shape))
-    if bias is not None:
-        out.add_(bias.to(cdtype).view(layout.param_shape))
+    out = affine_normalized(x, mean, invstd, weight, bias, layout)
     return out.to(x.dtype), mean, var, invstd
+
+
+def affine_normalized(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None,
+                      bias: Tensor | None, layout: Layout, inplace: bool = True) -> Tensor:
+    """``(x - mean) * invstd * weight + bias`` in the statistics' dtype (without the mean for RMS
+    norm). ``inplace`` updates the fresh intermediate instead of allocating at every step;
+    decompositions and graphs that are differentiated again want plain out-of-place ops."""
+    cdtype = mean.dtype
+    xc = x.to(cdtype)
+    mul, add = (Tensor.mul_, Tensor.add_) if inplace else (torch.mul, torch.add)
+    z = mul(xc - mean, invstd) if layout.center else xc * invstd
+    if weight is not None:
+        z = mul(z, weight.to(cdtype).view(layout.param_shape))
+    if bias is not None:
+        z = add(z, bias.to(cdtype).view(layout.param_shape))
+    return z
 
 
 def normalize_backward(
@@ -99,8 +110,7 @@ def normalize_backward(
     """Reference backward: ``(grad_input, grad_weight, grad_bias)``; see the module docstring."""
     cdtype = mean.dtype
     go = grad_out.to(cdtype)
-    xc = x.to(cdtype)
-    x_hat = (xc - mean).mul_(invstd) if layout.center else xc * invstd
+    x_hat = affine_normalized(x, mean, invstd, None, None, layout)
     sum_dims = _param_sum_dims(layout, x.dim())
     grad_weight = grad_bias = grad_input = None
     if needs[1] and weight is not None:
@@ -167,14 +177,8 @@ def norm_act_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Reference: recompute the pre-activation ``z``, then the norm's backward on
     ``grad_out * activation'(z)``."""
-    cdtype = mean.dtype
-    xc = x.to(cdtype)
-    z = (xc - mean).mul_(invstd) if layout.center else xc * invstd
-    if weight is not None:
-        z.mul_(weight.to(cdtype).view(layout.param_shape))
-    if bias is not None:
-        z.add_(bias.to(cdtype).view(layout.param_shape))
-    grad_z = (grad_out.to(cdtype) * activation_grad(z, activation)).to(x.dtype)
+    z = affine_normalized(x, mean, invstd, weight, bias, layout)
+    grad_z = (grad_out.to(mean.dtype) * activation_grad(z, activation)).to(x.dtype)
     return normalize_backward(grad_z, x, weight, mean, invstd, layout, batch_stats, needs)
 
 
@@ -292,4 +296,3 @@ REFERENCE = kernels.Kernel(forward=normalize_forward, backward=normalize_backwar
 NORM_ACT_REFERENCE = kernels.Kernel(forward=norm_act_forward, backward=norm_act_backward)
 ADD_NORM_REFERENCE = kernels.Kernel(forward=add_norm_forward, backward=add_norm_backward)
 RUNNING_STATS_REFERENCE = kernels.Kernel(forward=update_running_stats)
-_REFERENCE = REFERENCE  # the name tests and older code use

@@ -48,8 +48,7 @@ from normlab import kernels
 from normlab.functional import _normalize as ref
 from normlab.functional.moments import compute_dtype
 
-__all__ = ["add_normalize", "commit_flag", "kernel_backward", "kernel_forward", "normalize",
-           "reference_math_active"]
+__all__ = ["add_normalize", "commit_flag", "kernel_backward", "kernel_forward", "normalize"]
 
 _NORM_ARGS = "int[] reduce_dims, int[] param_shape, bool center"
 
@@ -158,8 +157,13 @@ def _normalize_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, reduc
         # backward reads it, and the buffer may move on), the variance is not returned.
         return (out, mean.reshape(layout.param_shape).clone(), _empty(x, mean.dtype),
                 invstd.reshape(layout.param_shape))
+    return (out, *_stats_out(mean, var, invstd))
+
+
+def _stats_out(mean: Tensor, var: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch statistics as the ops return them: contiguous, and never views of one buffer."""
     mean, var, invstd = mean.contiguous(), var.contiguous(), invstd.contiguous()
-    return out, mean, _distinct(mean, var), _distinct(mean, invstd)
+    return mean, _distinct(mean, var), _distinct(mean, invstd)
 
 
 _normalize = torch.library.custom_op(
@@ -199,21 +203,33 @@ def _normalize_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ..
 def _normalize_backward(ctx: Any, grad_out: Tensor, *_stat_grads: Any) -> tuple[Any, ...]:
     x, weight, bias, mean, invstd = ctx.saved_tensors
     reduce_dims, param_shape, center, eps, activation, kind, batch_stats = ctx.args
-    needs = tuple(ctx.needs_input_grad[:3])
-    none8 = (None,) * 8
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
     if grad_out is None:
-        return (None, None, None, *none8)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-        layout = _layout_of(reduce_dims, param_shape, center)
-        fixed = None if batch_stats else (mean, invstd)
-        grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
+        return (None,) * 11
+    grads = _normalize_grads(
+        grad_out, x, weight, bias, mean, invstd, _layout_of(reduce_dims, param_shape, center),
+        eps, activation, batch_stats, needs,
+        lambda: torch.ops.normlab.normalize_backward(
+            grad_out, x, weight, bias, mean, invstd, reduce_dims, param_shape, center,
+            batch_stats, needs, activation, kind))
+    return (*grads, *(None,) * 8)
+
+
+def _normalize_grads(grad_out: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                     mean: Tensor, invstd: Tensor, layout: ref.Layout, eps: float,
+                     activation: str | None, batch_stats: bool, needs: tuple[bool, bool, bool],
+                     backward: Any) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """normalize's ``(grad_input, grad_weight, grad_bias)``, shared by the op's autograd and the
+    eager function: with a graph being built through the backward (create_graph=True), the
+    reference math differentiated from the inputs; else ``backward()``, the kernels."""
+    if torch.is_grad_enabled():
+        fixed = None if batch_stats else (mean.reshape(layout.param_shape),
+                                          invstd.reshape(layout.param_shape))
+        gi, gw, gb = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
             x, w, b, layout, eps, fixed, activation))
-        return (*grads, *none8)
-    grad_input, grad_weight, grad_bias = torch.ops.normlab.normalize_backward(
-        grad_out, x, weight, bias, mean, invstd, reduce_dims, param_shape, center, batch_stats,
-        needs, activation, kind)
-    return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
-            grad_bias if needs[2] else None, *none8)
+        return gi, gw, gb
+    gi, gw, gb = backward()
+    return gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None
 
 
 _normalize.register_autograd(_normalize_backward, setup_context=_normalize_setup)
@@ -287,8 +303,7 @@ def _add_normalize_impl(x: Tensor, residual: Tensor, weight: Tensor | None, bias
     layout = _layout_of(reduce_dims, param_shape, center)
     out, s, mean, var, invstd = _run(kind, ref.ADD_NORM_REFERENCE, "forward", x, residual,
                                      weight, bias, layout, eps, activation)
-    return (_like_input(x, out), _like_input(x, s), mean.contiguous(), var.contiguous(),
-            invstd.contiguous())
+    return (_like_input(x, out), _like_input(x, s), *_stats_out(mean, var, invstd))
 
 
 _add_normalize = torch.library.custom_op(
@@ -323,19 +338,29 @@ def _add_normalize_backward(ctx: Any, grad_out: Tensor | None, grad_sum: Tensor 
     reduce_dims, param_shape, center, eps, activation, kind = ctx.args
     n = ctx.needs_input_grad
     needs = (n[0] or n[1], n[2], n[3])
-    none6 = (None,) * 6
+    gs, gw, gb = _add_normalize_grads(
+        grad_out, grad_sum, s, weight, bias, _layout_of(reduce_dims, param_shape, center), eps,
+        activation, needs,
+        lambda: torch.ops.normlab.add_normalize_backward(
+            grad_out, grad_sum, s, weight, bias, mean, invstd, reduce_dims, param_shape, center,
+            needs, activation, kind))
+    return (gs if n[0] else None, gs if n[1] else None, gw, gb, *(None,) * 6)
+
+
+def _add_normalize_grads(grad_out: Tensor | None, grad_sum: Tensor | None, s: Tensor,
+                         weight: Tensor | None, bias: Tensor | None, layout: ref.Layout,
+                         eps: float, activation: str | None, needs: tuple[bool, bool, bool],
+                         backward: Any) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """add_normalize's ``(grad_sum_total, grad_weight, grad_bias)`` (the first is the input's and
+    the residual's), shared as :func:`_normalize_grads` is."""
     if grad_out is None and grad_sum is None:
-        return (None,) * 10
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the reference from the sum
-        layout = _layout_of(reduce_dims, param_shape, center)
+        return None, None, None
+    if torch.is_grad_enabled():
         gs, gw, gb = _add_reference_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
                                           activation, needs)
     else:
-        gs, gw, gb = torch.ops.normlab.add_normalize_backward(
-            grad_out, grad_sum, s, weight, bias, mean, invstd, reduce_dims, param_shape, center,
-            needs, activation, kind)
-        gw, gb = (gw if needs[1] else None), (gb if needs[2] else None)
-    return (gs if n[0] else None, gs if n[1] else None, gw, gb, *none6)
+        gs, gw, gb = backward()
+    return gs, gw if needs[1] else None, gb if needs[2] else None
 
 
 _add_normalize.register_autograd(_add_normalize_backward, setup_context=_add_normalize_setup)
@@ -348,12 +373,9 @@ def _add_normalize_backward_op_impl(grad_out: Tensor | None, grad_sum: Tensor | 
                                kind: str) -> tuple[Tensor, Tensor, Tensor]:
     layout = _layout_of(reduce_dims, param_shape, center)
     needs = (output_mask[0], output_mask[1], output_mask[2])
-    if grad_out is not None:
-        grad_out = grad_out.contiguous()
-    if grad_sum is not None:
-        grad_sum = grad_sum.contiguous()
-    gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward", grad_out, grad_sum, s, weight,
-                      bias, mean, invstd, layout, needs, activation, select_on=s)
+    gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward", _dense(grad_out),
+                      _dense(grad_sum), s, weight, bias, mean, invstd, layout, needs,
+                      activation, select_on=s)
     return _grads_out(s, weight, bias, gs, gw, gb, needs)
 
 
@@ -429,13 +451,7 @@ def _ref_out(x: Tensor, weight: Tensor | None, bias: Tensor | None, layout: ref.
         mean, _var, invstd = _pure_statistics(x, layout, eps)
     else:
         mean, invstd = fixed
-    cdtype = mean.dtype
-    xc = x.to(cdtype)
-    z = (xc - mean) * invstd if layout.center else xc * invstd
-    if weight is not None:
-        z = z * weight.to(cdtype).view(layout.param_shape)
-    if bias is not None:
-        z = z + bias.to(cdtype).view(layout.param_shape)
+    z = ref.affine_normalized(x, mean, invstd, weight, bias, layout, inplace=False)
     return ref.activate(z, activation).to(x.dtype)
 
 
@@ -469,40 +485,35 @@ def _reference_grads(grad_out: Tensor, inputs: tuple[Tensor | None, ...],
 # The calls the public functions make.
 
 
-def reference_math_active() -> bool:
-    """Whether a call must run the reference math instead of the ops: inside a ``torch.func``
-    transform or with a forward-mode AD level active (the ops register no vmap or jvp rule; the
-    aten ops of the reference have them all). Never while dynamo traces (it sees the op)."""
-    if torch.compiler.is_compiling():
-        return False
-    # Private attributes (no public query exists); if one goes away, keep the op path.
-    if getattr(forward_ad, "_current_level", -1) >= 0:
-        return True
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 _PLAIN = (Tensor, torch.nn.Parameter)
+_OP, _EAGER, _REFERENCE_MATH = 0, 1, 2
 
 
-def _eager(*tensors: Tensor | None) -> bool:
-    """Whether a call may run the ops' kernels and autograd directly, without the dispatcher
-    round trip (tens of microseconds from Python per call, more than a small normalization):
-    plain tensors with data, no tracer, no dispatch mode. Anything else (torch.compile,
-    torch.export, jit.trace, fake/meta tensors, subclasses, a TorchDispatchMode) takes the
-    ``torch.ops.normlab`` op, which is the same code behind the dispatcher."""
+def _route(*tensors: Tensor | None) -> int:
+    """How a call runs (decided once per call, cheapest checks first):
+
+    * ``_REFERENCE_MATH`` inside a ``torch.func`` transform or with a forward-mode AD level (the
+      ops register no vmap or jvp rule; the aten ops of the reference have them all);
+    * ``_OP``, the ``torch.ops.normlab`` op, while a tracer runs (dynamo, jit), under a dispatch
+      mode, or for fake/meta tensors, subclasses and negative or conjugate views (their memory
+      holds other values; the dispatcher resolves them);
+    * ``_EAGER`` otherwise: the ops' own kernels and autograd formula without the dispatcher round
+      trip (tens of microseconds from Python per call, more than a small normalization).
+    """
     # is_compiling() first: dynamo answers it without tracing into the C calls after it.
-    if torch.compiler.is_compiling() or torch._C._is_tracing() or \
-            torch._C._len_torch_dispatch_stack():
-        return False
+    if torch.compiler.is_compiling():
+        return _OP
+    # Private attributes (no public query exists); if one goes away, keep the op path.
+    if getattr(forward_ad, "_current_level", -1) >= 0 or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
+        return _REFERENCE_MATH
+    if torch._C._is_tracing() or torch._C._len_torch_dispatch_stack():
+        return _OP
     # A loop rather than all() over a generator: this runs on every call (1 us against 0.4).
-    # Negative and conjugate views hold other values than their memory: the dispatcher resolves
-    # them for the op; a kernel handed their pointer would read the raw values.
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.is_meta or t.is_neg() or t.is_conj()):
-            break
-    else:
-        return True
-    return False
+            return _OP
+    return _EAGER
 
 
 def _needs_graph(x: Tensor, a: Tensor | None, b: Tensor | None, c: Tensor | None = None) -> bool:
@@ -544,18 +555,17 @@ class _EagerNormalize(torch.autograd.Function):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         layout, eps, activation, kind, batch_stats = ctx.config
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            fixed = None if batch_stats else (mean.reshape(layout.param_shape),
-                                              invstd.reshape(layout.param_shape))
-            grads = _reference_grads(grad_out, (x, weight, bias), needs, lambda x, w, b: _ref_out(
-                x, w, b, layout, eps, fixed, activation))
-            return (*grads, None, None, None, None)
-        gi, gw, gb = kernel_backward(grad_out, x, weight, bias, mean, invstd, layout,
-                                     batch_stats, needs, activation, kind)
-        if gb is not None and ctx.bias_meta is not None:
-            gb = kernels.as_param_grad(gb, *ctx.bias_meta)
-        return (gi if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-                None, None, None, None)
+
+        def kernels_backward() -> tuple[Tensor | None, ...]:
+            gi, gw, gb = kernel_backward(grad_out, x, weight, bias, mean, invstd, layout,
+                                         batch_stats, needs, activation, kind)
+            if gb is not None and ctx.bias_meta is not None:
+                gb = kernels.as_param_grad(gb, *ctx.bias_meta)
+            return gi, gw, gb
+
+        grads = _normalize_grads(grad_out, x, weight, bias, mean, invstd, layout, eps,
+                                 activation, batch_stats, needs, kernels_backward)
+        return (*grads, None, None, None, None)
 
 
 class _EagerAddNormalize(torch.autograd.Function):
@@ -581,19 +591,18 @@ class _EagerAddNormalize(torch.autograd.Function):
         layout, eps, activation, kind = ctx.config
         n = ctx.needs_input_grad
         needs = (n[0] or n[1], n[2], n[3])
-        if grad_out is None and grad_sum is None:
-            return (None,) * 5
-        if torch.is_grad_enabled():
-            gs, gw, gb = _add_reference_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
-                                              activation, needs)
-        else:
+
+        def kernels_backward() -> tuple[Tensor | None, ...]:
             gs, gw, gb = _run(kind, ref.ADD_NORM_REFERENCE, "backward", _dense(grad_out),
-                              _dense(grad_sum), s, weight,
-                              bias, mean, invstd, layout, needs, activation, select_on=s)
+                              _dense(grad_sum), s, weight, bias, mean, invstd, layout, needs,
+                              activation, select_on=s)
             if gb is not None and ctx.bias_meta is not None:
                 gb = kernels.as_param_grad(gb, *ctx.bias_meta)
-        return (gs if n[0] else None, gs if n[1] else None, gw if needs[1] else None,
-                gb if needs[2] else None, None)
+            return gs, gw, gb
+
+        gs, gw, gb = _add_normalize_grads(grad_out, grad_sum, s, weight, bias, layout, eps,
+                                          activation, needs, kernels_backward)
+        return (gs if n[0] else None, gs if n[1] else None, gw, gb, None)
 
 
 def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, layout: ref.Layout,
@@ -601,12 +610,13 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, op: str, la
               activation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The normalize op (differentiable in `x`, `weight`, `bias`); returns ``(out, mean, var)``
     with the statistics detached (``var`` empty for fixed statistics)."""
-    if reference_math_active():
+    fixed_mean, fixed_var = (None, None) if stats is None else stats
+    route = _route(x, weight, bias, fixed_mean, fixed_var)
+    if route == _REFERENCE_MATH:
         out, mean, var, _invstd = ref.norm_act_forward(x, weight, bias, layout, eps, stats,
                                                        activation)
         return out, mean.detach(), var.detach()
-    fixed_mean, fixed_var = (None, None) if stats is None else stats
-    if not _eager(x, weight, bias, fixed_mean, fixed_var):
+    if route == _OP:
         out, mean, var, _invstd = torch.ops.normlab.normalize(
             x, weight, bias, layout.reduce_dims, layout.param_shape, layout.center, eps,
             fixed_mean, fixed_var, activation, op)
@@ -625,10 +635,11 @@ def add_normalize(x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tens
                   op: str, layout: ref.Layout, eps: float,
                   activation: str | None = None) -> tuple[Tensor, Tensor]:
     """The add_normalize op: ``(activation(norm(x + residual)), x + residual)``."""
-    if reference_math_active():
+    route = _route(x, residual, weight, bias)
+    if route == _REFERENCE_MATH:
         out, s, *_ = ref.add_norm_forward(x, residual, weight, bias, layout, eps, activation)
         return out, s
-    if not _eager(x, residual, weight, bias):
+    if route == _OP:
         out, s, *_ = torch.ops.normlab.add_normalize(
             x, residual, weight, bias, layout.reduce_dims, layout.param_shape, layout.center,
             eps, activation, op)
@@ -644,10 +655,11 @@ def commit_flag(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Te
                 count: int, momentum: float, check: bool) -> bool | Tensor:
     """The update_running_stats_ op: whether the batch went in, a Python bool on the eager CPU
     path (no tensor to make and read back), else a 0-dim bool tensor."""
-    if reference_math_active():
+    route = _route(running_mean, running_var, mean, var)
+    if route == _REFERENCE_MATH:
         return ref.update_running_stats(running_mean, running_var, mean, var, count, momentum,
                                         check)
-    if mean.is_cpu and _eager(running_mean, running_var, mean, var):
+    if route == _EAGER and mean.is_cpu:
         return bool(_run("running_stats", ref.RUNNING_STATS_REFERENCE, "forward", running_mean,
                          running_var, mean, var, count, momentum, check, select_on=mean))
     return torch.ops.normlab.update_running_stats_(running_mean, running_var, mean, var, count,

@@ -54,8 +54,6 @@ from normlab.functional.moments import compute_dtype
 
 __all__ = ["ACTIVATIONS", "add_layer_norm", "add_rms_norm", "batch_norm_act", "group_norm_act"]
 
-_ADD_NORM_REFERENCE, _NORM_ACT_REFERENCE = ADD_NORM_REFERENCE, NORM_ACT_REFERENCE
-
 
 def _check_activation(op: str, activation: str | None) -> None:
     if activation not in ACTIVATIONS:

@@ -66,8 +66,16 @@ def grouped_layout(ndim: int, groups: int, per_group: int) -> Layout:
                   param_shape=(1, groups, per_group, *(1,) * len(spatial)))
 
 
+class _ReadsContiguous:
+    """A row problem: its kernels read the input contiguous."""
+
+    def input(self, x: Tensor) -> Tensor:
+        """`x` as the row kernels read it: contiguous (a copy only where it is not)."""
+        return x.contiguous()
+
+
 @dataclass(frozen=True)
-class Rows:
+class Rows(_ReadsContiguous):
     """``[R][K][S]``: R rows of K channels by S positions, statistics per row; parameter index
     ``(row % Gp) * K + k`` (Gp groups of K channels per sample)."""
 
@@ -78,13 +86,9 @@ class Rows:
     nparam: int
     stats_shape: tuple[int, ...]
 
-    def input(self, x: Tensor) -> Tensor:
-        """`x` as the row kernels read it: contiguous."""
-        return x.contiguous()
-
 
 @dataclass(frozen=True)
-class FixedRows:
+class FixedRows(_ReadsContiguous):
     """:class:`Rows` normalized with given statistics, one per ``row % smod``."""
 
     R: int
@@ -95,12 +99,9 @@ class FixedRows:
     nparam: int
     stats_shape: tuple[int, ...]
 
-    def input(self, x: Tensor) -> Tensor:
-        return x.contiguous()
-
 
 @dataclass(frozen=True)
-class ChannelRows:
+class ChannelRows(_ReadsContiguous):
     """``[N][C][S]``: statistics per channel over N samples and S positions (NCHW batch norm)."""
 
     N: int
@@ -119,9 +120,6 @@ class ChannelRows:
     @property
     def Gp(self) -> int:
         return self.C
-
-    def input(self, x: Tensor) -> Tensor:
-        return x.contiguous()
 
 
 @dataclass(frozen=True)
